@@ -1,0 +1,662 @@
+"""`MailConfig`: the validated, immutable settings of a `Notifier` (SPEC §1).
+
+Everything that can be checked without touching the network is checked here,
+when the config is built: a bad value raises `pydantic.ValidationError`
+naming the field and the rule, and never echoing the password.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import ssl
+import tomllib
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from email import policy
+from email.errors import NonASCIILocalPartDefect
+from email.headerregistry import Address
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, get_args
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    SerializationInfo,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core.core_schema import ErrorType
+
+__all__ = ["MailConfig"]
+
+_MASK = "**********"
+# Fields whose raw input must never appear in a ValidationError: the password,
+# and pinned_certificates (someone may paste a private key there by mistake).
+_SECRET_FIELDS = ("password", "pinned_certificates")
+# Errors whose input may be anything, a secret included: a whole JSON document,
+# or the value of an unknown field (a misspelt "passwd").
+_OPAQUE_ERRORS = frozenset({"json_invalid", "extra_forbidden"})
+_DEFAULT_PORTS = {"none": 25, "starttls": 587, "ssl": 465}
+_TUPLE_FIELDS = frozenset({"pinned_certificates", "pinned_fingerprints"})
+_BUILTIN_ERRORS = frozenset(get_args(ErrorType))
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_FINGERPRINT = re.compile(r"[0-9a-fA-F]{64}|[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){31}")
+_SHA1 = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){19}")
+_PEM_BLOCK = re.compile(r"-----BEGIN ([^\r\n-]+)-----(.*?)-----END ([^\r\n-]+)-----", re.DOTALL)
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_HEADER_FACTORY = policy.SMTPUTF8.header_factory
+_SENDER_RULE = (
+    "sender must be one email address, optionally with a display name, "
+    'like "noreply@example.com" or "Change Desk <noreply@example.com>"'
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _has_space_or_control(text: str) -> bool:
+    """True when ``text`` holds whitespace, a control, format or unassigned character."""
+    return any(c.isspace() or unicodedata.category(c)[0] in "CZ" for c in text)
+
+
+def _has_line_or_control(text: str) -> bool:
+    """True when ``text`` holds CR, LF, any other C0/C1 control or a line/paragraph separator."""
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    ip = _ip(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip is not None and ip.is_loopback
+
+
+def _check_domain(domain: str) -> None:
+    """Reject a mail domain that is neither a DNS name (IDNA allowed) nor an address literal."""
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        try:
+            if literal[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(literal[5:])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            raise ValueError(f"{_SENDER_RULE}; the domain literal is not an IP address") from None
+        return
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{_SENDER_RULE}; the domain is not a valid host name") from None
+    labels = ascii_domain.split(".")
+    if len(ascii_domain) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{_SENDER_RULE}; the domain is not a valid host name")
+
+
+def _parse_sender(value: str) -> Address:
+    """Parse ``value`` into exactly one `Address`, or raise `ValueError`."""
+    if _has_line_or_control(value):
+        raise ValueError("sender must not contain CR, LF or other control characters")
+    try:
+        header = _HEADER_FACTORY("from", value)
+        groups = header.groups
+    except Exception:  # the email parser raises assorted errors on malformed input
+        raise ValueError(_SENDER_RULE) from None
+    # Any defect means the parser had to guess (e.g. "a@b.org(<c@d.com>" is an
+    # unclosed comment): refuse rather than send From an address nobody wrote.
+    # A non-ASCII local part is fine; the session uses SMTPUTF8 for it.
+    defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
+    if defects or len(groups) != 1 or groups[0].display_name is not None:
+        raise ValueError(_SENDER_RULE)
+    addresses = groups[0].addresses
+    if len(addresses) != 1:
+        raise ValueError(_SENDER_RULE)
+    address: Address = addresses[0]
+    parts = (address.display_name, address.username, address.domain)
+    if not address.username or not address.domain or any(map(_has_line_or_control, parts)):
+        raise ValueError(_SENDER_RULE)
+    _check_domain(address.domain)
+    return address
+
+
+def _split_certificates(text: str, ctx: ssl.SSLContext) -> list[str]:
+    """Split PEM text into certificates, each checked by OpenSSL and re-encoded canonically."""
+    blocks = list(_PEM_BLOCK.finditer(text))
+    if text.count("-----BEGIN ") != len(blocks) or any(m[1] != m[3] for m in blocks):
+        raise ValueError("pinned_certificates: a PEM block has no matching -----END line")
+    if not blocks:
+        raise ValueError(
+            "pinned_certificates: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)"
+        )
+    certificates = []
+    for block in blocks:
+        if "PRIVATE KEY" in block[1]:
+            raise ValueError(
+                "pinned_certificates holds a private key: pin the certificate only, "
+                "and keep private keys out of the config"
+            )
+        if block[1] != "CERTIFICATE":
+            raise ValueError(f"pinned_certificates: a {block[1]} block is not a CERTIFICATE")
+        pem = f"-----BEGIN CERTIFICATE-----\n{block[2].strip()}\n-----END CERTIFICATE-----\n"
+        try:
+            der = ssl.PEM_cert_to_DER_cert(pem)
+            ctx.load_verify_locations(cadata=der)  # OpenSSL parses it as X.509 or raises
+        except (ValueError, ssl.SSLError):
+            raise ValueError(
+                "pinned_certificates: a CERTIFICATE block is not a valid X.509 certificate"
+            ) from None
+        certificates.append(ssl.DER_cert_to_PEM_cert(der))
+    return certificates
+
+
+def _normalise_fingerprint(index: int, value: str) -> str:
+    text = value.strip()
+    if _FINGERPRINT.fullmatch(text):
+        return text.replace(":", "").lower()
+    hint = " (this one looks like SHA-1)" if _SHA1.fullmatch(text) else ""
+    raise ValueError(
+        f"pinned_fingerprints[{index}] is not a SHA-256 fingerprint: expected 64 hex digits, "
+        f"optionally as colon-separated pairs{hint}"
+    )
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads True as 1; a flag in a number field is a mistake.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+def _duration(value: Any) -> Any:
+    # pydantic reads ISO 8601 strings and numbers of seconds, but not "300" (a
+    # string of seconds), which is what environment variables hold.
+    value = _not_bool(value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def _redacted(exc: ValidationError) -> ValidationError | None:
+    """``exc`` with every echo of a secret masked, or None when it echoes none.
+
+    ``hide_input_in_errors`` only hides inputs in ``str(exc)``; ``exc.errors()``
+    and ``exc.json()`` still carry them, and so does ``str()`` of an enclosing
+    model that does not set it.
+    """
+    details: list[InitErrorDetails] = []
+    changed = False
+    for error in exc.errors(include_url=False):
+        value = error["input"]
+        if error["type"] in _OPAQUE_ERRORS or error["loc"][:1] in [(f,) for f in _SECRET_FIELDS]:
+            value = _MASK
+        elif isinstance(value, Mapping) and any(value.get(f) for f in _SECRET_FIELDS):
+            value = {**value, **{f: _MASK for f in _SECRET_FIELDS if value.get(f)}}
+        changed = changed or value is not error["input"]
+        kind = error["type"]
+        detail = InitErrorDetails(
+            type=kind if kind in _BUILTIN_ERRORS else PydanticCustomError(kind, error["msg"]),
+            loc=error["loc"],
+            input=value,
+        )
+        if "ctx" in error:
+            detail["ctx"] = error["ctx"]
+        details.append(detail)
+    if not changed:
+        return None
+    return ValidationError.from_exception_data(exc.title, details, hide_input=True)
+
+
+def _combination_error(title: str, problems: list[tuple[str, Any, str]]) -> ValidationError:
+    return ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(
+                type="value_error", loc=(field,), input=value, ctx={"error": ValueError(msg)}
+            )
+            for field, value, msg in problems
+        ],
+        hide_input=True,
+    )
+
+
+_Seconds = Annotated[float, BeforeValidator(_not_bool), Field(ge=1, le=300, allow_inf_nan=False)]
+_Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class MailConfig(BaseModel):
+    """Where and how to hand notification mail over, and how long to keep retrying.
+
+    An immutable, validated value (frozen pydantic model, unknown fields
+    rejected).  Only ``sender`` is required::
+
+        MailConfig(sender="app@example.com")
+            # the local MTA: localhost:25, no TLS, no AUTH
+        MailConfig(sender="Change Desk <noreply@example.com>", host="smtp.example.com",
+                   tls="starttls", username="app", password="s3cret")
+            # port 587; STARTTLS is required (no plaintext fallback), then AUTH
+        MailConfig(sender="app@example.com", host="smtp.example.com", tls="ssl")
+            # port 465, implicit TLS, certificate checked against certifi's CAs
+        MailConfig(sender="app@example.com", timeout=10)
+            # at most 10 s to connect and 10 s to send each message
+        MailConfig(sender="app@example.com", connect_timeout=5, send_timeout=60)
+            # at most 5 s to connect, 60 s to send each message
+        MailConfig(sender="app@example.com", host="mx.internal", tls="ssl",
+                   trust="pinned", pinned_fingerprints=["AB:CD:...:EF"])
+            # trust only the server certificate with this SHA-256 fingerprint
+
+    The timeouts are *deadlines* for whole phases, not per socket operation:
+    a server trickling one byte a second cannot stretch a 30 s send phase.
+    The connect phase covers DNS, TCP, TLS handshakes, the greeting, EHLO,
+    STARTTLS and AUTH; the send phase covers one message, from ``MAIL FROM``
+    to the reply after the final ``.``.  They do *not* cover time a message
+    waits in the outbox (that is ``retry_interval`` and ``expiration``), and
+    several messages sent over one connection take one send phase each.
+
+    The password is a `pydantic.SecretStr`: ``repr``, ``str``, validation
+    errors and dumps show ``**********``.  To dump it in clear text, ask for
+    it: ``config.model_dump(context={"reveal_secrets": True})`` (the same
+    context works with ``model_dump_json``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    host: str = Field(
+        default="localhost",
+        description="SMTP server: a host name or IP address (IPv6 without brackets).",
+    )
+    port: Annotated[int | None, BeforeValidator(_not_bool)] = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Server port; None means 465 for tls='ssl', 587 for 'starttls', 25 for 'none'.",
+    )
+    sender: str = Field(
+        description='The From of every notification: "addr@example.com" or "Name <addr@...>".',
+    )
+    username: str | None = Field(default=None, description="AUTH user name (with password).")
+    password: SecretStr | None = Field(default=None, description="AUTH password (with username).")
+    timeout: _Seconds = Field(
+        default=30.0, description="Default for both deadlines, in seconds (1-300)."
+    )
+    connect_timeout: _Seconds | None = Field(
+        default=None, description="Deadline of the connect phase, in seconds; None -> timeout."
+    )
+    send_timeout: _Seconds | None = Field(
+        default=None, description="Deadline of sending one message, in seconds; None -> timeout."
+    )
+    tls: Literal["none", "starttls", "ssl"] = Field(
+        default="none",
+        description="'starttls': required STARTTLS; 'ssl': implicit TLS; 'none': never TLS.",
+    )
+    trust: Literal["verify", "all", "pinned"] = Field(
+        default="verify",
+        description="'verify': certifi CAs; 'all': no verification; 'pinned': only the pins.",
+    )
+    pinned_certificates: tuple[str, ...] = Field(
+        default=(),
+        description="PEM certificates trusted as anchors when trust='pinned'.",
+    )
+    pinned_fingerprints: tuple[str, ...] = Field(
+        default=(),
+        description="SHA-256 fingerprints of accepted leaf certificates when trust='pinned'.",
+    )
+    check_hostname: bool = Field(
+        default=True, description="Check the host name for 'verify' and pinned certificates."
+    )
+    allow_plaintext_auth: bool = Field(
+        default=False, description="Allow AUTH without TLS to a host that is not loopback."
+    )
+    retry_interval: _Duration = Field(
+        default=timedelta(minutes=5),
+        ge=timedelta(seconds=1),
+        description="Wait after a failed attempt before the next one (at least 1 s).",
+    )
+    retry_backoff: Annotated[float, BeforeValidator(_not_bool)] = Field(
+        default=1.0,
+        ge=1,
+        allow_inf_nan=False,
+        description="Factor applied to the wait after each failed attempt (1 = fixed).",
+    )
+    max_retry_interval: _Duration | None = Field(
+        default=None, description="Cap on the wait when retry_backoff > 1."
+    )
+    expiration: _Duration = Field(
+        default=timedelta(days=5),
+        gt=timedelta(0),
+        description="Stop trying this long after the message was queued.",
+    )
+    local_hostname: str | None = Field(
+        default=None, description="Name sent in EHLO; None -> the session chooses."
+    )
+
+    if TYPE_CHECKING:
+        # What the constructor accepts, for type checkers: wider than the stored
+        # types (a str password, a list of pins, "PT5M" or 300 for a duration),
+        # as pydantic converts them.  tests/test_config.py keeps it in step with
+        # the fields.
+        def __init__(
+            self,
+            *,
+            host: str = ...,
+            port: int | None = ...,
+            sender: str,
+            username: str | None = ...,
+            password: str | SecretStr | None = ...,
+            timeout: float = ...,
+            connect_timeout: float | None = ...,
+            send_timeout: float | None = ...,
+            tls: Literal["none", "starttls", "ssl"] = ...,
+            trust: Literal["verify", "all", "pinned"] = ...,
+            pinned_certificates: str | Sequence[str] = ...,
+            pinned_fingerprints: str | Sequence[str] = ...,
+            check_hostname: bool = ...,
+            allow_plaintext_auth: bool = ...,
+            retry_interval: timedelta | float | str = ...,
+            retry_backoff: float = ...,
+            max_retry_interval: timedelta | float | str | None = ...,
+            expiration: timedelta | float | str = ...,
+            local_hostname: str | None = ...,
+        ) -> None: ...
+
+    # ------------------------------------------------------------------ field rules
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        if not value:
+            raise ValueError("host must not be empty")
+        if _has_space_or_control(value):
+            raise ValueError("host must not contain whitespace or control characters")
+        if value.startswith("[") and value.endswith("]"):
+            if not isinstance(_ip(value[1:-1]), ipaddress.IPv6Address):
+                raise ValueError("host: brackets are only for IPv6 addresses, like [::1]")
+            return value[1:-1]
+        if ":" in value and not isinstance(_ip(value), ipaddress.IPv6Address):
+            raise ValueError(
+                "host must be a host name or IP address, without scheme or port "
+                "(set the port with `port`)"
+            )
+        return value
+
+    @field_validator("sender")
+    @classmethod
+    def _check_sender(cls, value: str) -> str:
+        _parse_sender(value)  # before stripping: a trailing CR/LF is an error, not padding
+        return value.strip()
+
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, value: str | None) -> str | None:
+        if value is not None and (not value or _has_line_or_control(value)):
+            raise ValueError("username must be non-empty, without control characters")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _check_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            secret = value.get_secret_value()
+            if not secret or "\0" in secret:
+                raise ValueError("password must be non-empty and must not contain NUL")
+        return value
+
+    @field_validator("local_hostname")
+    @classmethod
+    def _check_local_hostname(cls, value: str | None) -> str | None:
+        if value is not None and (not value or _has_space_or_control(value)):
+            raise ValueError(
+                "local_hostname must be non-empty, without whitespace or control characters"
+            )
+        return value
+
+    @field_validator("pinned_certificates", "pinned_fingerprints", mode="before")
+    @classmethod
+    def _one_string_is_one_entry(cls, value: Any) -> Any:
+        # A bare string would otherwise be rejected (or worse, split into characters).
+        return (value,) if isinstance(value, str | bytes) else value
+
+    @field_validator("pinned_certificates")
+    @classmethod
+    def _parse_certificates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        return tuple(pem for text in value for pem in _split_certificates(text, ctx))
+
+    @field_validator("pinned_fingerprints")
+    @classmethod
+    def _normalise_fingerprints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_normalise_fingerprint(i, fp) for i, fp in enumerate(value))
+
+    # ------------------------------------------------------------------ combinations
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Self:
+        problems: list[tuple[str, Any, str]] = []
+        if (self.username is None) != (self.password is None):
+            missing = "password" if self.password is None else "username"
+            problems.append((missing, None, "username and password go together: both or neither"))
+        pins = self.pinned_certificates or self.pinned_fingerprints
+        if self.trust == "pinned" and not pins:
+            problems.append(
+                (
+                    "trust",
+                    self.trust,
+                    "trust='pinned' needs at least one entry in pinned_certificates "
+                    "or pinned_fingerprints",
+                )
+            )
+        if self.trust != "pinned":
+            for name in ("pinned_certificates", "pinned_fingerprints"):
+                if getattr(self, name):
+                    problems.append(
+                        (
+                            name,
+                            getattr(self, name),
+                            f"{name} is only used with trust='pinned', but trust is "
+                            f"{self.trust!r}: set trust='pinned' or remove the pins",
+                        )
+                    )
+        if self.trust == "pinned" and self.tls == "none":
+            problems.append(
+                (
+                    "tls",
+                    self.tls,
+                    "trust='pinned' has no effect without TLS: set tls='starttls' or 'ssl'",
+                )
+            )
+        if (
+            self.username is not None
+            and self.tls == "none"
+            and not self.allow_plaintext_auth
+            and not self.is_loopback
+        ):
+            problems.append(
+                (
+                    "tls",
+                    self.tls,
+                    f"refusing to send username and password without TLS to {self.host!r}, "
+                    "which is not loopback: set tls='starttls' or 'ssl' "
+                    "(or allow_plaintext_auth=True if you must)",
+                )
+            )
+        if self.max_retry_interval is not None and self.max_retry_interval < self.retry_interval:
+            problems.append(
+                (
+                    "max_retry_interval",
+                    self.max_retry_interval,
+                    "max_retry_interval must not be shorter than retry_interval",
+                )
+            )
+        if problems:
+            raise _combination_error(type(self).__name__, problems)
+        return self
+
+    # Defined after every other validator so that it wraps them all.
+    @model_validator(mode="wrap")
+    @classmethod
+    def _redact_errors(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            redacted = _redacted(exc)
+            if redacted is None:
+                raise
+            raise redacted from None
+
+    # ------------------------------------------------------------------ dumping
+
+    @field_serializer("password")
+    def _dump_password(
+        self, value: SecretStr | None, info: SerializationInfo
+    ) -> SecretStr | str | None:
+        if value is None:
+            return None
+        context = info.context
+        if isinstance(context, Mapping) and context.get("reveal_secrets") is True:
+            return value.get_secret_value()
+        return _MASK if info.mode_is_json() else value
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def effective_port(self) -> int:
+        """``port``, or the standard port for ``tls``: 465 ssl, 587 starttls, 25 none."""
+        return self.port if self.port is not None else _DEFAULT_PORTS[self.tls]
+
+    @property
+    def effective_connect_timeout(self) -> float:
+        """The connect-phase deadline in seconds: ``connect_timeout`` or ``timeout``."""
+        return self.connect_timeout if self.connect_timeout is not None else self.timeout
+
+    @property
+    def effective_send_timeout(self) -> float:
+        """The per-message send-phase deadline in seconds: ``send_timeout`` or ``timeout``."""
+        return self.send_timeout if self.send_timeout is not None else self.timeout
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when ``host`` is ``localhost``, in 127.0.0.0/8 or ``::1``."""
+        return _is_loopback(self.host)
+
+    @property
+    def sender_address(self) -> str:
+        """The bare address of ``sender`` (its addr-spec), without display name."""
+        return _parse_sender(self.sender).addr_spec
+
+    @property
+    def pinned_certificates_der(self) -> tuple[bytes, ...]:
+        """``pinned_certificates`` in DER form (for ``SSLContext.load_verify_locations``)."""
+        return tuple(ssl.PEM_cert_to_DER_cert(pem) for pem in self.pinned_certificates)
+
+    # ------------------------------------------------------------------ copies and loading
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; with ``update``, the changed config is validated like a new one.
+
+        (pydantic's own ``model_copy`` skips validation, which would let
+        ``config.model_copy(update={"port": 0})`` through.)
+        """
+        if not update:
+            return super().model_copy(deep=deep)
+        data = {name: getattr(self, name) for name in self.model_fields_set}
+        return self.model_validate({**data, **update})
+
+    @classmethod
+    def model_validate_json(cls, *args: Any, **kwargs: Any) -> Self:
+        """Validate a JSON document; as pydantic's, but invalid JSON never echoes its text."""
+        try:
+            return super().model_validate_json(*args, **kwargs)
+        except ValidationError as exc:
+            redacted = _redacted(exc)
+            if redacted is None:
+                raise
+            raise redacted from None
+
+    @classmethod
+    def from_env(
+        cls,
+        prefix: str = "SMTPNOTIFY_",
+        environ: Mapping[str, str] | None = None,
+        *,
+        ignore: Iterable[str] = (),
+    ) -> Self:
+        """Build a config from environment variables named ``prefix`` + field name in capitals.
+
+        ``SMTPNOTIFY_HOST=smtp.example.com``, ``SMTPNOTIFY_PORT=587``,
+        ``SMTPNOTIFY_RETRY_INTERVAL=PT10M`` (or ``600``, seconds),
+        ``SMTPNOTIFY_PINNED_FINGERPRINTS='["ab:cd:..."]'`` (a JSON array, or a
+        single entry as plain text), booleans as ``true``/``false``/``1``/``0``.
+        An empty variable counts as unset.  A variable with the prefix that
+        names no field is an error, unless it is listed (full name) in
+        ``ignore``.  ``environ`` defaults to `os.environ`.
+        """
+        if not prefix:
+            raise ValueError("prefix must not be empty")
+        env = os.environ if environ is None else environ
+        skip = set(ignore)
+        known = {prefix + name.upper(): name for name in cls.model_fields}
+        data: dict[str, Any] = {}
+        problems: list[tuple[str, Any, str]] = []
+        for var, raw in env.items():
+            if not var.startswith(prefix) or var in skip or raw == "":
+                continue
+            name = known.get(var)
+            if name is None:
+                problems.append(
+                    (var, _MASK, f"{var} is not a MailConfig setting; known: {', '.join(known)}")
+                )
+            elif name in _TUPLE_FIELDS and raw.lstrip().startswith("["):
+                try:
+                    data[name] = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    problems.append((var, raw, f"{var} is not a valid JSON array: {exc.msg}"))
+            else:
+                data[name] = raw
+        if problems:
+            raise _combination_error(cls.__name__, problems)
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Self:
+        """Build a config from a ``.toml`` or ``.json`` file.
+
+        The settings are the top-level keys, or, when the document has a
+        ``smtpnotify`` table/object, the keys of that table (the rest of the
+        file is then left to other programs).  Durations are ISO 8601 strings
+        (``"PT5M"``) or numbers of seconds.
+        """
+        file = Path(path)
+        suffix = file.suffix.lower()
+        if suffix == ".toml":
+            with file.open("rb") as fh:
+                data: Any = tomllib.load(fh)
+        elif suffix == ".json":
+            with file.open("rb") as fh:
+                data = json.load(fh)
+        else:
+            raise ValueError(f"unsupported config file type {file.suffix!r}: use .toml or .json")
+        if isinstance(data, dict) and isinstance(data.get("smtpnotify"), dict):
+            data = data["smtpnotify"]
+        return cls.model_validate(data)
