@@ -35,7 +35,7 @@ class RetrySchedule:
         self._wait = tenacity.wait_exponential(
             multiplier=interval.total_seconds(),
             exp_base=backoff,
-            max=cap.total_seconds() if cap is not None else tenacity.wait.MAX_WAIT,
+            max=(cap or timedelta.max).total_seconds(),
         )
 
     @classmethod
