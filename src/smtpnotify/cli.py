@@ -1,0 +1,132 @@
+"""The ``smtpnotify`` command line.
+
+``smtpnotify demo`` runs the library's main job on its embedded defaults: a
+local SMTP sink in-process, an SQLite outbox in a temporary folder, a
+notification sent at once, several queued and delivered by the worker (one of
+them deferred by the server and retried), and what arrived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from ._config import MailConfig
+from ._errors import SMTPNotifyError
+from ._message import Notification
+from ._notifier import Notifier
+from .outbox import OutboxStatus, SQLiteOutbox
+
+__all__ = ["main"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from .testing import SMTPSink
+    except ImportError:
+        print("the demo needs aiosmtpd: pip install 'smtpnotify[cli]'", file=sys.stderr)
+        return 2
+    # The sink defers one recipient with 451 on the first try, then accepts it.
+    sink = SMTPSink(pipelining=True, replies={"RCPT": {"oncall@example.com": (451, "4.2.0 mailbox busy, try later")}})
+    with sink, tempfile.TemporaryDirectory(prefix="smtpnotify-demo-") as folder:
+        print(f"1. A local SMTP sink is listening on {sink.host}:{sink.port} (aiosmtpd, in this process).")
+        config = MailConfig(
+            host=sink.host,
+            port=sink.port,
+            sender="Change Desk <noreply@example.com>",
+            timeout=5,
+            retry_interval=timedelta(seconds=1),
+            expiration=timedelta(minutes=1),
+        )
+        print(f"   {config!r}\n")
+        outbox_path = Path(args.outbox or Path(folder) / "outbox.db")
+        with SQLiteOutbox(outbox_path) as outbox, Notifier(config, outbox) as notifier:
+            report = notifier.verify()
+            print("2. notifier.verify() — the settings page's confirmation message:")
+            print("   " + str(report).replace("\n", "\n   ") + "\n")
+
+            result = notifier.send(
+                Notification(to="alice@example.com", subject="Deployment finished", text="Build 1234 is live.\n")
+            )
+            print(f"3. notifier.send(): {result.message_id} accepted by {', '.join(result.accepted)}\n")
+
+            print(f"4. notifier.notify() queues in a durable SQLite outbox: {outbox_path}")
+            ids = [
+                notifier.notify(
+                    Notification(to="ops@example.com", subject="Disk 91% full on db-1", text="Time to clean up.\n")
+                ),
+                notifier.notify(
+                    Notification(
+                        to=["oncall@example.com", "bob@example.com"],
+                        subject="Zürich backup: ✓ done",
+                        text="Nightly backup finished.\n. <- a lone dot survives dot-stuffing\n",
+                    )
+                ),
+                notifier.notify(
+                    Notification(to="carol@example.com", subject="Weekly report", html="<p><b>All green.</b></p>")
+                ),
+            ]
+            print(f"   queued: {', '.join(ids)}  counts: {_counts(outbox)}\n")
+
+            print("5. notifier.start(): the worker delivers; oncall@ is deferred (451) and retried after 1 s")
+            notifier.start()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                counts = outbox.counts()
+                if counts[OutboxStatus.PENDING] == counts[OutboxStatus.SENDING] == 0:
+                    break
+                if any(e.attempts >= 1 for e in outbox.entries(status=OutboxStatus.PENDING)):
+                    sink.replies.clear()  # the server recovers
+                time.sleep(0.1)
+            notifier.stop()
+            for entry_id in ids:
+                entry = outbox.get(entry_id)
+                assert entry is not None
+                note = f"  last error: {entry.last_error}" if entry.last_error else ""
+                print(f"   {entry.id[:12]}…  {entry.status:<7} attempts={entry.attempts}{note}")
+            print(f"   counts: {_counts(outbox)}\n")
+
+        print(f"6. What the sink received ({len(sink.messages)} messages):")
+        for message in sink.messages:
+            print(f"   - to {', '.join(message.rcpt_tos)}: {message.message['Subject']}")
+        last = sink.messages[-1] if sink.messages else None
+        if last is not None:
+            print("\n   The last one, as it arrived:\n")
+            for line in last.data.decode("utf-8", "replace").splitlines()[:24]:
+                print(f"     {line}")
+    return 0
+
+
+def _counts(outbox: SQLiteOutbox) -> str:
+    return ", ".join(f"{status}={count}" for status, count in outbox.counts().items() if count)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``smtpnotify`` command."""
+    parser = argparse.ArgumentParser(prog="smtpnotify", description="Reliable notification email.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="send and queue notifications through a local sink")
+    demo.add_argument("--outbox", help="SQLite outbox file to use (default: a temporary one)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        status: int = args.func(args)
+    except SMTPNotifyError as exc:
+        print(f"smtpnotify: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return status
