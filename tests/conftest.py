@@ -196,12 +196,16 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
         if not _is_loopback(host):
-            raise socket.gaierror(socket.EAI_NONAME, f"test suite: no lookups beyond loopback ({host!r})")
+            raise socket.gaierror(
+                socket.EAI_NONAME, f"test suite: no lookups beyond loopback ({host!r})"
+            )
         return real_getaddrinfo(host, *args, **kwargs)
 
     def connect(self: socket.socket, address: Any) -> None:
         if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
-            raise ConnectionRefusedError(f"test suite: no connections beyond loopback ({address[0]!r})")
+            raise ConnectionRefusedError(
+                f"test suite: no connections beyond loopback ({address[0]!r})"
+            )
         real_connect(self, address)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)

@@ -35,7 +35,9 @@ def test_the_docs_have_examples() -> None:
 
 
 @pytest.mark.parametrize(("page", "line", "code"), BLOCKS)
-def test_example_runs(page: Path, line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_runs(
+    page: Path, line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     compiled = compile("\n" * (line - 1) + code, str(page), "exec")
     if code.lstrip().startswith("# not run:"):
         return

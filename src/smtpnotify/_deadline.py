@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 class DeadlineExceeded(Exception):
-    """Internal: the running phase's deadline has passed (mapped to a public error by the session)."""
+    """Internal: the running phase's deadline has passed (mapped by the session)."""
 
 
 class Deadline:

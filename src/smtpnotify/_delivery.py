@@ -69,10 +69,19 @@ def apply_outcome(
         accepted = result.accepted
         retry_rcpts, permanent = _split(result.refused)
         if not retry_rcpts:
-            ok = outbox.record_sent(entry.id, owner=owner, now=now, accepted=accepted, refused=permanent)
-            _log(entry, OutboxStatus.SENT, ok, f"accepted by {len(accepted)}, refused {len(permanent)}")
+            ok = outbox.record_sent(
+                entry.id, owner=owner, now=now, accepted=accepted, refused=permanent
+            )
+            _log(
+                entry,
+                OutboxStatus.SENT,
+                ok,
+                f"accepted by {len(accepted)}, refused {len(permanent)}",
+            )
             return Outcome(OutboxStatus.SENT, ok)
-        reason = "; ".join(f"{r}: {c} {t}" for r, (c, t) in result.refused.items() if r in retry_rcpts)
+        reason = "; ".join(
+            f"{r}: {c} {t}" for r, (c, t) in result.refused.items() if r in retry_rcpts
+        )
         message = f"recipients deferred (4xx): {reason}"
     else:
         assert error is not None
@@ -81,7 +90,9 @@ def apply_outcome(
         if isinstance(error, RecipientsRefused):
             retry_rcpts, permanent = _split(error.refused)
         if not error.transient or not retry_rcpts:
-            ok = outbox.record_failed(entry.id, owner=owner, now=now, error=message, refused=permanent)
+            ok = outbox.record_failed(
+                entry.id, owner=owner, now=now, error=message, refused=permanent
+            )
             _log(entry, OutboxStatus.FAILED, ok, message)
             return Outcome(OutboxStatus.FAILED, ok)
     when = schedule.next_attempt(now=now, attempts=entry.attempts, expires_at=entry.expires_at)
@@ -112,11 +123,24 @@ def _log(entry: OutboxEntry, status: OutboxStatus, recorded: bool, detail: str) 
     }
     if not recorded:
         log.warning(
-            "outbox %s: lease lost before the outcome (%s) could be recorded", entry.id, status, extra=extra
+            "outbox %s: lease lost before the outcome (%s) could be recorded",
+            entry.id,
+            status,
+            extra=extra,
         )
         return
-    level = logging.WARNING if status in (OutboxStatus.FAILED, OutboxStatus.EXPIRED) else logging.INFO
-    log.log(level, "outbox %s -> %s after %d attempt(s): %s", entry.id, status, entry.attempts, detail, extra=extra)
+    level = (
+        logging.WARNING if status in (OutboxStatus.FAILED, OutboxStatus.EXPIRED) else logging.INFO
+    )
+    log.log(
+        level,
+        "outbox %s -> %s after %d attempt(s): %s",
+        entry.id,
+        status,
+        entry.attempts,
+        detail,
+        extra=extra,
+    )
 
 
 Hook = Callable[[OutboxEntry], None]

@@ -27,7 +27,7 @@ class SendResult:
 
 @dataclass(frozen=True, slots=True)
 class VerifyStep:
-    """One step of :meth:`~smtpnotify.Notifier.verify`: what was tried, whether it worked, how long it took."""
+    """One step of :meth:`~smtpnotify.Notifier.verify`: its name, outcome and duration."""
 
     name: str
     ok: bool

@@ -28,7 +28,9 @@ class RetrySchedule:
     [5.0, 10.0, 20.0, 30.0, 30.0]
     """
 
-    def __init__(self, interval: timedelta, *, backoff: float = 1.0, cap: timedelta | None = None) -> None:
+    def __init__(
+        self, interval: timedelta, *, backoff: float = 1.0, cap: timedelta | None = None
+    ) -> None:
         self.interval = interval
         self.backoff = backoff
         self.cap = cap
@@ -41,18 +43,24 @@ class RetrySchedule:
     @classmethod
     def from_config(cls, config: MailConfig) -> RetrySchedule:
         """The schedule ``config``'s retry settings describe."""
-        return cls(config.retry_interval, backoff=config.retry_backoff, cap=config.max_retry_interval)
+        return cls(
+            config.retry_interval, backoff=config.retry_backoff, cap=config.max_retry_interval
+        )
 
     def delay(self, attempts: int) -> timedelta:
         """How long to wait after the ``attempts``-th attempt failed (``attempts`` ≥ 1)."""
-        state = tenacity.RetryCallState(retry_object=tenacity.Retrying(), fn=None, args=(), kwargs={})
+        state = tenacity.RetryCallState(
+            retry_object=tenacity.Retrying(), fn=None, args=(), kwargs={}
+        )
         state.attempt_number = max(1, attempts)
         try:
             return timedelta(seconds=self._wait(state))
         except OverflowError:  # beyond timedelta's range: "never", in effect
             return timedelta.max
 
-    def next_attempt(self, *, now: datetime, attempts: int, expires_at: datetime) -> datetime | None:
+    def next_attempt(
+        self, *, now: datetime, attempts: int, expires_at: datetime
+    ) -> datetime | None:
         """When to try next, or ``None`` when that would be at or after ``expires_at``."""
         try:
             when = now + self.delay(attempts)

@@ -33,9 +33,14 @@ def _demo(args: argparse.Namespace) -> int:
         print("the demo needs aiosmtpd: pip install 'smtpnotify[cli]'", file=sys.stderr)
         return 2
     # The sink defers one recipient with 451 on the first try, then accepts it.
-    sink = SMTPSink(pipelining=True, replies={"RCPT": {"oncall@example.com": (451, "4.2.0 mailbox busy, try later")}})
+    sink = SMTPSink(
+        pipelining=True,
+        replies={"RCPT": {"oncall@example.com": (451, "4.2.0 mailbox busy, try later")}},
+    )
     with sink, tempfile.TemporaryDirectory(prefix="smtpnotify-demo-") as folder:
-        print(f"1. A local SMTP sink is listening on {sink.host}:{sink.port} (aiosmtpd, in this process).")
+        print(
+            f"1. A local SMTP sink listens on {sink.host}:{sink.port} (aiosmtpd, in this process)."
+        )
         config = MailConfig(
             host=sink.host,
             port=sink.port,
@@ -52,14 +57,24 @@ def _demo(args: argparse.Namespace) -> int:
             print("   " + str(report).replace("\n", "\n   ") + "\n")
 
             result = notifier.send(
-                Notification(to="alice@example.com", subject="Deployment finished", text="Build 1234 is live.\n")
+                Notification(
+                    to="alice@example.com",
+                    subject="Deployment finished",
+                    text="Build 1234 is live.\n",
+                )
             )
-            print(f"3. notifier.send(): {result.message_id} accepted by {', '.join(result.accepted)}\n")
+            print(
+                f"3. notifier.send(): {result.message_id} accepted by {' '.join(result.accepted)}\n"
+            )
 
             print(f"4. notifier.notify() queues in a durable SQLite outbox: {outbox_path}")
             ids = [
                 notifier.notify(
-                    Notification(to="ops@example.com", subject="Disk 91% full on db-1", text="Time to clean up.\n")
+                    Notification(
+                        to="ops@example.com",
+                        subject="Disk 91% full on db-1",
+                        text="Time to clean up.\n",
+                    )
                 ),
                 notifier.notify(
                     Notification(
@@ -69,12 +84,18 @@ def _demo(args: argparse.Namespace) -> int:
                     )
                 ),
                 notifier.notify(
-                    Notification(to="carol@example.com", subject="Weekly report", html="<p><b>All green.</b></p>")
+                    Notification(
+                        to="carol@example.com",
+                        subject="Weekly report",
+                        html="<p><b>All green.</b></p>",
+                    )
                 ),
             ]
             print(f"   queued: {', '.join(ids)}  counts: {_counts(outbox)}\n")
 
-            print("5. notifier.start(): the worker delivers; oncall@ is deferred (451) and retried after 1 s")
+            print(
+                "5. notifier.start(): the worker delivers; oncall@ is deferred (451) at first"
+            )
             notifier.start()
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
@@ -121,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         status: int = args.func(args)
     except SMTPNotifyError as exc:

@@ -27,7 +27,9 @@ def application() -> None:
     )
     port: int = config.effective_port
     with Notifier(config, SQLiteOutbox("outbox.db")) as notifier:
-        result: SendResult = notifier.send(Notification(to="ops@example.com", subject="s", text="t"))
+        result: SendResult = notifier.send(
+            Notification(to="ops@example.com", subject="s", text="t")
+        )
         accepted: tuple[str, ...] = result.accepted
         outcomes: list[SendResult | SMTPNotifyError] = notifier.send_many([])
         entry_id: str = notifier.notify(Notification(to=["a@example.com"], subject="s", text="t"))
@@ -35,7 +37,9 @@ def application() -> None:
         verify: VerifyReport = notifier.verify()
         entry = notifier.outbox.get(entry_id)
         if entry is not None and entry.status is OutboxStatus.SENT:
-            print(entry.attempts, entry.message_id, report.sent, verify.ok, port, accepted, outcomes)
+            print(
+                entry.attempts, entry.message_id, report.sent, verify.ok, port, accepted, outcomes
+            )
     try:
         notifier.send(Notification(to="x@example.com", subject="s", text="t"))
     except smtpnotify.TransientError as exc:
