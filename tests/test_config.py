@@ -211,7 +211,6 @@ GOOD_SENDERS = [
     ("Bücher <info@bücher.example>", "info@bücher.example"),
     ("josé@example.com", "josé@example.com"),
     ("noreply@localhost", "noreply@localhost"),
-    ('"two words"@example.com', '"two words"@example.com'),
     ("root@[192.0.2.1]", "root@[192.0.2.1]"),
     ("  padded@example.com  ", "padded@example.com"),
 ]
@@ -234,6 +233,8 @@ def test_sender_accepts(sender: str, address: str) -> None:
         "noreply@",
         "alice@example.org(<bob@example.com>",
         "alice@example.org(x)<bob@example.com>",
+        '"two words"@example.com',  # quoted local parts: the message module refuses them too
+        "a(comment)@example.com",
         "alice@example.org <bob@example.com>",
         "a@example.com, b@example.com",
         "Desk, Change <noreply@example.com>",

@@ -405,6 +405,14 @@ class MailConfig(BaseModel):
     @classmethod
     def _check_sender(cls, value: str) -> str:
         _parse_sender(value)  # before stripping: a trailing CR/LF is an error, not padding
+        # The message module must accept it as well, or every message would fail later.
+        from ._errors import InvalidMessage
+        from ._message import _parse_mailbox
+
+        try:
+            _parse_mailbox(value.strip(), "sender")
+        except InvalidMessage as exc:
+            raise ValueError(str(exc)) from None
         return value.strip()
 
     @field_validator("username")
