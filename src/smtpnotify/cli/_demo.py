@@ -1,7 +1,6 @@
-"""The ``smtpnotify`` command line.
+"""``smtpnotify demo``: the library's main job on its embedded defaults.
 
-``smtpnotify demo`` runs the library's main job on its embedded defaults: a
-local SMTP sink in-process, an SQLite outbox in a temporary folder, a
+A local SMTP sink in-process, an SQLite outbox in a temporary folder, a
 notification sent at once, several queued and delivered by the worker (one of
 them deferred by the server and retried), and what arrived.
 """
@@ -9,26 +8,43 @@ them deferred by the server and retried), and what arrived.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from ._config import MailConfig
-from ._errors import SMTPNotifyError
-from ._message import Notification
-from ._notifier import Notifier
-from .outbox import OutboxStatus, SQLiteOutbox
+from .._config import MailConfig
+from .._message import Notification
+from .._notifier import Notifier
+from ..outbox import OutboxStatus, SQLiteOutbox
 
-__all__ = ["main"]
+__all__ = ["register"]
 
 
-def _demo(args: argparse.Namespace) -> int:
+def register(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    """Add ``demo`` to the command line."""
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="send and queue notifications through a local sink",
+        description=(
+            "Run the library's main job on its embedded defaults: a local SMTP sink "
+            "in-process, an SQLite outbox, a notification sent at once, several queued and "
+            "delivered by the worker (one deferred by the server and retried)."
+        ),
+    )
+    demo.add_argument("--outbox", help="SQLite outbox file to use (default: a temporary one)")
+    demo.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo: a sink, an SQLite outbox, a send, queued messages, the worker."""
     try:
-        from .testing import SMTPSink
+        from ..testing import SMTPSink
     except ImportError:
         print("the demo needs aiosmtpd: pip install 'smtpnotify[cli]'", file=sys.stderr)
         return 2
@@ -93,9 +109,7 @@ def _demo(args: argparse.Namespace) -> int:
             ]
             print(f"   queued: {', '.join(ids)}  counts: {_counts(outbox)}\n")
 
-            print(
-                "5. notifier.start(): the worker delivers; oncall@ is deferred (451) at first"
-            )
+            print("5. notifier.start(): the worker delivers; oncall@ is deferred (451) at first")
             notifier.start()
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
@@ -126,31 +140,3 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _counts(outbox: SQLiteOutbox) -> str:
     return ", ".join(f"{status}={count}" for status, count in outbox.counts().items() if count)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``smtpnotify`` command."""
-    parser = argparse.ArgumentParser(prog="smtpnotify", description="Reliable notification email.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="send and queue notifications through a local sink")
-    demo.add_argument("--outbox", help="SQLite outbox file to use (default: a temporary one)")
-    demo.set_defaults(func=_demo)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        status: int = args.func(args)
-    except SMTPNotifyError as exc:
-        print(f"smtpnotify: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return status
