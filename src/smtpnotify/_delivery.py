@@ -89,6 +89,14 @@ def apply_outcome(
         retry_rcpts = entry.message.recipients
         if isinstance(error, RecipientsRefused):
             retry_rcpts, permanent = _split(error.refused)
+            if not retry_rcpts and entry.accepted:
+                # Delivered to some recipients on an earlier attempt, and the rest
+                # have now refused it for good: every recipient is settled.
+                ok = outbox.record_sent(
+                    entry.id, owner=owner, now=now, accepted=(), refused=permanent
+                )
+                _log(entry, OutboxStatus.SENT, ok, f"the other {len(permanent)} refused for good")
+                return Outcome(OutboxStatus.SENT, ok)
         if not error.transient or not retry_rcpts:
             ok = outbox.record_failed(
                 entry.id, owner=owner, now=now, error=message, refused=permanent
@@ -97,7 +105,22 @@ def apply_outcome(
             return Outcome(OutboxStatus.FAILED, ok)
     when = schedule.next_attempt(now=now, attempts=entry.attempts, expires_at=entry.expires_at)
     if when is None:
-        ok = outbox.record_expired(entry.id, owner=owner, now=now, error=message)
+        if accepted or permanent or retry_rcpts != entry.message.recipients:
+            # record_expired carries no recipients: first record what this attempt
+            # settled (who accepted, who refused for good, who is still owed), parked
+            # where no claim can reach it (due at its expiry), then expire it.
+            ok = outbox.record_retry(
+                entry.id,
+                owner=owner,
+                now=now,
+                next_attempt_at=entry.expires_at,
+                error=message,
+                accepted=accepted,
+                refused=permanent,
+                remaining=retry_rcpts,
+            ) and outbox.record_expired(entry.id, owner=None, now=now, error=message)
+        else:
+            ok = outbox.record_expired(entry.id, owner=owner, now=now, error=message)
         _log(entry, OutboxStatus.EXPIRED, ok, message)
         return Outcome(OutboxStatus.EXPIRED, ok)
     ok = outbox.record_retry(

@@ -101,7 +101,9 @@ class Notifier:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.lease = lease or timedelta(
-            seconds=config.effective_connect_timeout + batch_size * config.effective_send_timeout + 60
+            seconds=config.effective_connect_timeout
+            + batch_size * config.effective_send_timeout
+            + 60
         )
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.on_sent, self.on_failed, self.on_expired = on_sent, on_failed, on_expired
@@ -250,7 +252,11 @@ class Notifier:
             prepared.message_id,
             entry_id,
             len(prepared.recipients),
-            extra={"smtpnotify_event": "queued", "outbox_id": entry_id, "message_id": prepared.message_id},
+            extra={
+                "smtpnotify_event": "queued",
+                "outbox_id": entry_id,
+                "message_id": prepared.message_id,
+            },
         )
         return entry_id
 
@@ -268,7 +274,9 @@ class Notifier:
                 self._hook(self.on_expired, entry)
             seen: set[str] = set()
             while not self._stopping.is_set():
-                batch = self.outbox.claim(now=self.now(), owner=self.owner, lease=self.lease, limit=self.batch_size)
+                batch = self.outbox.claim(
+                    now=self.now(), owner=self.owner, lease=self.lease, limit=self.batch_size
+                )
                 if not batch:
                     break
                 fresh = [e for e in batch if e.id not in seen]
@@ -293,7 +301,10 @@ class Notifier:
                     break
                 now = self.now()
                 if now >= entry.expires_at:
-                    if self.outbox.record_expired(entry.id, owner=self.owner, now=now, error="expired before its attempt"):
+                    # Never attempted: give back the claim (and the attempt it counted),
+                    # then expire it, keeping the last error it really ran into.
+                    self.outbox.release(entry.id, owner=self.owner, now=now)
+                    if self.outbox.record_expired(entry.id, owner=None, now=now):
                         report.expired += 1
                         self._hook(self.on_expired, self.outbox.get(entry.id) or entry)
                     continue
@@ -371,6 +382,8 @@ class Notifier:
             worker.join(timeout)
             if worker.is_alive():
                 log.warning("the delivery worker did not stop within %s s", timeout)
+            else:
+                self._stopping.clear()  # deliver_due() works again after stop()
 
     def close(self) -> None:
         """Stop the worker and close the outbox the notifier created itself (not one you passed)."""
