@@ -417,6 +417,31 @@ def test_a_deferred_recipient_later_refused_for_good_still_leaves_the_message_se
     assert [m.rcpt_tos for m in sink.messages] == [(OK,)]
 
 
+@pytest.mark.parametrize("verb", ["MAIL", "DATA"])
+def test_a_deferred_recipient_whose_retry_gets_a_5xx_for_the_message_still_leaves_it_sent(
+    make_sink: Callable[..., SMTPSink],
+    make_notifier: Callable[..., Notifier],
+    clock: FakeClock,
+    verb: str,
+) -> None:
+    # ok@ has it from the first attempt; the retry for later@ is refused for the whole
+    # message (5xx at MAIL or DATA): later@ is refused for good, and the message was sent.
+    sink = make_sink(replies={"RCPT": {LATER: (451, "4.2.0 mailbox busy")}})
+    failed: list[OutboxEntry] = []
+    notifier = make_notifier(sink, notifier_kw={"on_failed": failed.append})
+    entry_id = notifier.notify(note((OK, LATER)))
+    assert notifier.deliver_due() == DeliveryReport(retried=1)
+    sink.replies.clear()
+    sink.replies[verb] = (554, "5.7.1 policy says no")
+    clock.now = T0 + timedelta(minutes=5)
+    assert notifier.deliver_due() == DeliveryReport(sent=1)
+    entry = get(notifier, entry_id)
+    assert entry.status is OutboxStatus.SENT
+    assert entry.accepted == (OK,)
+    assert entry.refused[LATER][0] == 554
+    assert failed == []
+
+
 def test_a_partial_delivery_that_then_expires_keeps_who_got_it(
     make_sink: Callable[..., SMTPSink], make_notifier: Callable[..., Notifier], clock: FakeClock
 ) -> None:

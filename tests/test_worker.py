@@ -251,3 +251,21 @@ def test_the_worker_survives_a_failing_pass_and_keeps_going(
     assert all(r.exc_info is not None and r.exc_info[0] is OutboxError for r in failures)
     assert outbox.failures == 0 and outbox.claims > 3
     assert outbox.inner.counts()[OutboxStatus.SENT] == 2
+
+
+def test_restarting_the_worker_subscribes_to_the_outbox_once(sink: SMTPSink) -> None:
+    from smtpnotify import MailConfig, MemoryOutbox, Notifier
+
+    class CountingOutbox(MemoryOutbox):
+        subscriptions = 0
+
+        def subscribe(self, callback: Callable[[], None]) -> None:
+            CountingOutbox.subscriptions += 1
+            super().subscribe(callback)
+
+    config = MailConfig(host=sink.host, port=sink.port, sender="noreply@example.com", timeout=5)
+    with Notifier(config, CountingOutbox(), poll_interval=0.05) as notifier:
+        for _ in range(3):
+            notifier.start()
+            notifier.stop()
+    assert CountingOutbox.subscriptions == 1

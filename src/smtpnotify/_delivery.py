@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from ._errors import RecipientsRefused, SMTPNotifyError
+from ._errors import RecipientsRefused, ResponseError, SMTPNotifyError
 from ._results import SendResult
 from ._retry import RetrySchedule
 from .outbox._base import Outbox, OutboxEntry, OutboxStatus
@@ -89,14 +89,18 @@ def apply_outcome(
         retry_rcpts = entry.message.recipients
         if isinstance(error, RecipientsRefused):
             retry_rcpts, permanent = _split(error.refused)
-            if not retry_rcpts and entry.accepted:
-                # Delivered to some recipients on an earlier attempt, and the rest
-                # have now refused it for good: every recipient is settled.
-                ok = outbox.record_sent(
-                    entry.id, owner=owner, now=now, accepted=(), refused=permanent
-                )
-                _log(entry, OutboxStatus.SENT, ok, f"the other {len(permanent)} refused for good")
-                return Outcome(OutboxStatus.SENT, ok)
+        elif not error.transient:
+            # A permanent error for the whole message (5xx at MAIL or DATA) refuses
+            # every recipient still owed it.
+            code = error.code if isinstance(error, ResponseError) else 550
+            permanent = {r: (code, message) for r in retry_rcpts}
+            retry_rcpts = ()
+        if not retry_rcpts and entry.accepted:
+            # Delivered to some recipients on an earlier attempt, and the rest have
+            # now refused it for good: every recipient is settled, and it was sent.
+            ok = outbox.record_sent(entry.id, owner=owner, now=now, accepted=(), refused=permanent)
+            _log(entry, OutboxStatus.SENT, ok, f"the other {len(permanent)} refused for good")
+            return Outcome(OutboxStatus.SENT, ok)
         if not error.transient or not retry_rcpts:
             ok = outbox.record_failed(
                 entry.id, owner=owner, now=now, error=message, refused=permanent

@@ -109,8 +109,10 @@ class Notifier:
         self.on_sent, self.on_failed, self.on_expired = on_sent, on_failed, on_expired
         self._worker: Worker | None = None
         self._worker_lock = threading.Lock()
-        self._pass_lock = threading.Lock()
+        self._pass_lock = threading.RLock()  # a hook may call deliver_due()
         self._stopping = threading.Event()
+        self._wakeup = threading.Event()
+        self._subscribed = False
         self._closed = False
         if config.tls != "none" and config.trust == "all":
             warnings.warn(
@@ -366,24 +368,31 @@ class Notifier:
             if self._closed:
                 raise RuntimeError("the notifier is closed")
             if self._worker is not None and self._worker.is_alive():
+                if self._stopping.is_set():
+                    raise RuntimeError("the previous worker is still stopping; call stop() again")
                 return
+            if not self._subscribed:
+                # Once per notifier: the wake-up event outlives each worker thread.
+                self.outbox.subscribe(self._wakeup.set)
+                self._subscribed = True
             self._stopping.clear()
-            self._worker = Worker(self)
+            self._worker = Worker(self, self._wakeup)
             self._worker.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the worker: the message being sent is finished, the rest it holds released."""
         with self._worker_lock:
-            worker, self._worker = self._worker, None
+            worker = self._worker
             if worker is None:
                 return
             self._stopping.set()
-            worker.wake()
+            self._wakeup.set()
             worker.join(timeout)
             if worker.is_alive():
                 log.warning("the delivery worker did not stop within %s s", timeout)
-            else:
-                self._stopping.clear()  # deliver_due() works again after stop()
+                return  # still ours: start() refuses to run a second one beside it
+            self._worker = None
+            self._stopping.clear()  # deliver_due() works again after stop()
 
     def close(self) -> None:
         """Stop the worker and close the outbox the notifier created itself (not one you passed)."""

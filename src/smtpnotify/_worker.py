@@ -23,11 +23,10 @@ class Worker(threading.Thread):
     again after ``poll_interval``; the thread never dies of it.
     """
 
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(self, notifier: Notifier, wakeup: threading.Event) -> None:
         super().__init__(name="smtpnotify-worker", daemon=True)
         self.notifier = notifier
-        self._wakeup = threading.Event()
-        notifier.outbox.subscribe(self.wake)
+        self._wakeup = wakeup
 
     def wake(self) -> None:
         """Cut the current sleep short (called by the outbox after an add, and by ``stop``)."""
