@@ -20,7 +20,9 @@ Every low-level failure is mapped here, once, to the public errors.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import re
@@ -143,7 +145,15 @@ class _Wire(smtplib.SMTP):
             # were protected by it (the STARTTLS response-injection attack).
             raise TLSError("the server sent data ahead of the TLS handshake", phase="connect")
         raw = self.sock
-        tls = context.wrap_socket(raw, server_hostname=self._host, do_handshake_on_connect=False)
+        try:
+            # On a connection the server has already reset, wrap_socket raises and leaks
+            # the socket it took over (CPython gh-113280): find the reset out first.
+            raw.getpeername()
+            tls = context.wrap_socket(
+                raw, server_hostname=self._host, do_handshake_on_connect=False
+            )
+        except OSError as exc:
+            raise TLSError(f"TLS handshake failed: {exc}", phase="connect") from exc
         self.sock = tls
         try:
             self.deadline.apply(tls)
@@ -214,16 +224,18 @@ class _Wire(smtplib.SMTP):
             if len(line) > _MAXLINE or len(lines) >= _MAX_REPLY_LINES:
                 raise _Disconnected("the server sent an over-long reply")
             lines.append(line[4:].strip(b" \t\r\n"))
-            try:
-                code = int(line[:3])
-            except ValueError:
-                code = -1
-                break
+            if not line[:3].isdigit():
+                # Not SMTP (an HTTP server on the port, a broken proxy): no code to act on,
+                # and no telling what state the server is in.
+                raise _Disconnected(f"the server sent a malformed reply: {line[:40]!r}")
+            code = int(line[:3])
             if line[3:4] != b"-":
                 break
         reply = b"\n".join(lines)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("reply: %d %s", code, reply.decode("utf-8", "replace"))
+            # during AUTH a server may quote the credentials back: log only the code
+            shown = "<redacted during authentication>" if self.redact else _text(reply)
+            log.debug("reply: %d %s", code, shown)
         return code, reply
 
     def close(self) -> None:
@@ -239,6 +251,16 @@ def _describe_sent(data: bytes, redact: bool) -> str:
     if text.upper().startswith("AUTH "):
         return " ".join(text.split(" ")[:2]) + " <redacted>"
     return text + (" …" if len(data) > 200 else "")
+
+
+def _secret_forms(username: str, password: str) -> tuple[str, ...]:
+    """The password as AUTH puts it on the wire: as is, in PLAIN's and LOGIN's base64."""
+    b64 = base64.b64encode
+    return (
+        password,
+        b64(f"\0{username}\0{password}".encode()).decode(),
+        b64(password.encode()).decode(),
+    )
 
 
 def _text(reply: bytes) -> str:
@@ -281,13 +303,25 @@ class SMTPSession:
             ((None, None),) if self.config.tls == "none" else self.plan.contexts
         )
         for index, (kind, context) in enumerate(contexts):
+            # The steps of an attempt that is retried are not reported: a report
+            # whose connection worked must not list a failed step.
+            attempt: list[VerifyStep] = []
+            retrying = False
             try:
-                self._open_once(deadline, kind, context, on_step)
+                self._open_once(deadline, kind, context, attempt.append if on_step else None)
                 return
             except CertificateError:
                 if index == len(contexts) - 1:
                     raise
+                retrying = True
                 log.info("pinned certificates did not match; trying the pinned fingerprints")
+            finally:
+                if on_step is not None and not retrying:
+                    for step in attempt:
+                        if index and step.name == "tls" and step.ok:
+                            detail = f"{step.detail} (a pinned fingerprint matched, no certificate)"
+                            step = dataclasses.replace(step, detail=detail)
+                        on_step(step)
 
     def _open_once(
         self,
@@ -374,19 +408,29 @@ class SMTPSession:
         assert config.username is not None and config.password is not None
         if not wire.has_extn("auth"):
             raise AuthenticationError("the server offers no AUTH mechanism", phase="connect")
+        password = config.password.get_secret_value()
+        failure: str | None = None
         wire.redact = True
         try:
-            wire.login(config.username, config.password.get_secret_value())
+            wire.login(config.username, password)
         except smtplib.SMTPAuthenticationError as exc:
             text = _text(exc.smtp_error) if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
-            raise AuthenticationError(
-                f"the server refused the credentials: {exc.smtp_code} {text}", phase="connect"
-            ) from None
+            failure = f"the server refused the credentials: {exc.smtp_code} {text}"
         except smtplib.SMTPException as exc:
-            raise AuthenticationError(f"authentication failed: {exc}", phase="connect") from None
+            failure = f"authentication failed: {exc}"
+        except UnicodeEncodeError:  # smtplib sends AUTH data as ASCII only
+            failure = "authentication failed: smtplib can only send an ASCII user name and password"
+        except ValueError:  # binascii.Error: a 334 challenge that is not base64
+            failure = "authentication failed: the server sent a malformed AUTH challenge"
         finally:
             wire.redact = False
             wire.password = ""  # smtplib keeps it on the object; don't
+        if failure is not None:
+            # Raised here, not in the except clause, so that no __context__ holds the
+            # server's reply; and a reply that quotes the credentials back is scrubbed.
+            for secret in _secret_forms(config.username, password):
+                failure = failure.replace(secret, "***")
+            raise AuthenticationError(failure, phase="connect")
 
     # -- send phase ------------------------------------------------------------
     def send(self, message: PreparedMessage) -> SendResult:
@@ -445,10 +489,15 @@ class SMTPSession:
         elif data_reply is not None and data_reply[0] != 354:
             failure = response_error(*data_reply, command="DATA", phase="send")
         if failure is not None:
-            if data_reply is not None and data_reply[0] == 354:
-                wire.send(b".\r\n")  # a server that said 354 anyway: end the empty content
-                self._reply(wire, "DATA")
-            self._reset(wire)
+            # The refusal is the error, whatever the clean-up runs into; a clean-up that
+            # times out, drops or gets a 421 leaves the connection unusable (discarded).
+            try:
+                if data_reply is not None and data_reply[0] == 354:
+                    wire.send(b".\r\n")  # a server that said 354 anyway: end the empty content
+                    self._reply(wire, "DATA")
+                self._reset(wire)
+            except (_Disconnected, DeadlineExceeded, TransientError):
+                self.usable = False
             raise failure
         wire.send(dot_stuff(message.data))
         state.after_dot = True
@@ -513,7 +562,9 @@ class SMTPSession:
         """Say QUIT (briefly) when the connection is sound, then close it."""
         wire = self._wire
         if wire is not None and self.usable:
-            wire.deadline = Deadline(min(2.0, self.config.effective_send_timeout))
+            # QUIT is a courtesy: it gets what is left of the last phase (2 s at most, none
+            # once it is over), so connect + send still bounds the whole call.
+            wire.deadline = Deadline(min(2.0, wire.deadline.expires_at - time.monotonic()))
             self._quit_quietly(wire)
         self.discard()
 
