@@ -62,9 +62,11 @@ class Notifier:
             one connection).
         poll_interval: how often (seconds) an idle worker looks for messages that
             other processes queued, when the outbox cannot signal it.
-        on_sent, on_failed, on_expired: called with the entry after it reached that
-            state (from the delivering thread); use them to alert someone when a
-            notification could not be delivered.  Exceptions they raise are logged.
+        on_sent: called with the entry after it was sent (from the delivering
+            thread).  Exceptions the hooks raise are logged.
+        on_failed: called with the entry after it failed for good; use it to
+            alert someone that a notification could not be delivered.
+        on_expired: called with the entry after its expiration passed unsent.
 
     One ``Notifier`` is safe to use from many threads at once.
     """
@@ -308,7 +310,7 @@ class Notifier:
                     self.outbox.release(entry.id, owner=self.owner, now=now)
                     if self.outbox.record_expired(entry.id, owner=None, now=now):
                         report.expired += 1
-                        self._hook(self.on_expired, self.outbox.get(entry.id) or entry)
+                        self._hook(self.on_expired, entry, reload=True)
                     continue
                 result: SendResult | None = None
                 error: SMTPNotifyError | None = connect_error
@@ -335,23 +337,25 @@ class Notifier:
                     continue
                 if outcome.status is OutboxStatus.SENT:
                     report.sent += 1
-                    self._hook(self.on_sent, self.outbox.get(entry.id) or entry)
+                    self._hook(self.on_sent, entry, reload=True)
                 elif outcome.status is OutboxStatus.PENDING:
                     report.retried += 1
                 elif outcome.status is OutboxStatus.FAILED:
                     report.failed += 1
-                    self._hook(self.on_failed, self.outbox.get(entry.id) or entry)
+                    self._hook(self.on_failed, entry, reload=True)
                 else:
                     report.expired += 1
-                    self._hook(self.on_expired, self.outbox.get(entry.id) or entry)
+                    self._hook(self.on_expired, entry, reload=True)
         finally:
             if session is not None:
                 session.close()
         return report
 
-    def _hook(self, hook: EntryHook | None, entry: OutboxEntry) -> None:
+    def _hook(self, hook: EntryHook | None, entry: OutboxEntry, *, reload: bool = False) -> None:
         if hook is None:
             return
+        if reload:  # the entry as recorded: read back only when a hook wants it
+            entry = self.outbox.get(entry.id) or entry
         try:
             hook(entry)
         except Exception:

@@ -7,6 +7,12 @@ Needs the ``smtpnotify[testing]`` extra (aiosmtpd; trustme for certificates).
   injection.
 * :func:`make_certificates`: throw-away CAs and server certificates (trustme)
   for TLS tests, as a :class:`CertificateBundle`.
+* :mod:`smtpnotify.testing.plugin`: pytest fixtures (``smtp_sink``,
+  ``mail_config``, ``notifier``, ...), registered with pytest automatically;
+  :func:`mail_config_for` builds a config for any sink.
+* :mod:`smtpnotify.testing.strategies`: hypothesis strategies for configs,
+  addresses and notifications (needs hypothesis).
+* :mod:`smtpnotify.testing.conformance`: the test suite every outbox passes.
 
 Example::
 
@@ -21,8 +27,14 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from smtpnotify.testing._certs import CertificateBundle, ServerCertKind, make_certificates
-from smtpnotify.testing._sink import ReplySpec, SinkConnection, SinkMessage, SMTPSink
+
+if TYPE_CHECKING:
+    from smtpnotify.testing._sink import ReplySpec, SinkConnection, SinkMessage, SMTPSink
+    from smtpnotify.testing.plugin import mail_config_for
 
 __all__ = [
     "CertificateBundle",
@@ -31,5 +43,26 @@ __all__ = [
     "ServerCertKind",
     "SinkConnection",
     "SinkMessage",
+    "mail_config_for",
     "make_certificates",
 ]
+
+# Imported on first use: the pytest plugin (registered by entry point, so loaded
+# by every pytest run where smtpnotify is installed) imports this package, which
+# must then work without aiosmtpd, and cheaply.
+_LAZY = {
+    "ReplySpec": "_sink",
+    "SMTPSink": "_sink",
+    "SinkConnection": "_sink",
+    "SinkMessage": "_sink",
+    "mail_config_for": "plugin",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
