@@ -63,7 +63,7 @@ from smtpnotify import MailConfig, Notification, Notifier, OutboxStatus
 from smtpnotify.outbox import Outbox, SQLiteOutbox
 
 DEFAULT_DSN = os.environ.get(
-    "SMTPNOTIFY_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+    "TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
 )
 SENDER = "Bench <noreply@example.com>"
 # A typical notification: a subject and a few lines of text (about 1 KB on the wire).
@@ -363,7 +363,7 @@ def postgres_rows(
         reason = " ".join(str(exc).split())
         info["PostgreSQL"] = (
             f"skipped: not reachable ({type(exc).__name__}: {reason}); "
-            "give --dsn or set SMTPNOTIFY_TEST_POSTGRES_DSN"
+            "give --dsn or set TEST_POSTGRES_DSN"
         )
         return []
     info["PostgreSQL"] = (

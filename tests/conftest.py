@@ -14,7 +14,7 @@ fixture            scope      gives
                               ssl_context=None) -> ScriptedServer``, started; all closed
                               (and their thread errors raised) after the test
 ``postgres_dsn``   session    a reachable DSN, or skip (fail when
-                              ``SMTPNOTIFY_REQUIRE_POSTGRES=1``)
+                              ``REQUIRE_POSTGRES_TESTS=1``)
 =================  =========  ==============================================================
 
 Tests that use ``postgres_dsn`` get the ``postgres`` marker automatically.
@@ -128,11 +128,11 @@ def _redact_dsn(dsn: str) -> str:
 def postgres_dsn() -> str:
     """DSN of the test PostgreSQL server.
 
-    ``SMTPNOTIFY_TEST_POSTGRES_DSN`` or ``postgresql://postgres@127.0.0.1:5432/test``.
+    ``TEST_POSTGRES_DSN`` or ``postgresql://postgres@127.0.0.1:5432/test``.
     When it cannot be reached (2 s connect timeout) the test is skipped, or
-    fails when ``SMTPNOTIFY_REQUIRE_POSTGRES=1``.
+    fails when ``REQUIRE_POSTGRES_TESTS=1``.
     """
-    dsn = os.environ.get("SMTPNOTIFY_TEST_POSTGRES_DSN", DEFAULT_POSTGRES_DSN)
+    dsn = os.environ.get("TEST_POSTGRES_DSN", DEFAULT_POSTGRES_DSN)
     try:
         import psycopg
     except ImportError as exc:  # pragma: no cover - psycopg is a dev dependency
@@ -146,11 +146,11 @@ def postgres_dsn() -> str:
             reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     message = (
         f"PostgreSQL not reachable at {_redact_dsn(dsn)} ({reason}); "
-        "set SMTPNOTIFY_TEST_POSTGRES_DSN to a reachable server"
+        "set TEST_POSTGRES_DSN to a reachable server"
     )
-    if os.environ.get("SMTPNOTIFY_REQUIRE_POSTGRES") == "1":
-        pytest.fail(message + " (SMTPNOTIFY_REQUIRE_POSTGRES=1)", pytrace=False)
-    pytest.skip(message + " (set SMTPNOTIFY_REQUIRE_POSTGRES=1 to make this a failure)")
+    if os.environ.get("REQUIRE_POSTGRES_TESTS") == "1":
+        pytest.fail(message + " (REQUIRE_POSTGRES_TESTS=1)", pytrace=False)
+    pytest.skip(message + " (set REQUIRE_POSTGRES_TESTS=1 to make this a failure)")
 
 
 def pytest_configure(config: pytest.Config) -> None:

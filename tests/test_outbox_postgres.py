@@ -6,7 +6,7 @@ PostgreSQL: the schema, SKIP LOCKED claims across threads and processes,
 enqueueing inside the application's transaction, LISTEN/NOTIFY wake-ups and
 connections killed mid-use.  Every test works in a table of its own (a random
 name), dropped afterwards.  ``postgres_dsn`` (conftest) skips these tests when
-no server is reachable, or fails them with ``SMTPNOTIFY_REQUIRE_POSTGRES=1``.
+no server is reachable, or fails them with ``REQUIRE_POSTGRES_TESTS=1``.
 """
 
 from __future__ import annotations
