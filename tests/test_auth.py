@@ -155,6 +155,8 @@ def test_wrong_password_against_aiosmtpd(make_sink: MakeSink) -> None:
     sink_closed(sink)
     assert "MAIL" not in sink.verbs and sink.messages == []
     assert [c.authenticated_user for c in sink.connections] == [None]
+    # One mechanism, tried once: a wrong password is not sent again with LOGIN.
+    assert sink.verbs.count("AUTH") == 1
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])

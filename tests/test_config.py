@@ -831,6 +831,9 @@ FULL_ENV = {
     "SMTPNOTIFY_MAX_RETRY_INTERVAL": "3600",
     "SMTPNOTIFY_EXPIRATION": "P2D",
     "SMTPNOTIFY_LOCAL_HOSTNAME": "client.example.com",
+    "SMTPNOTIFY_MAX_CONNECTIONS": "4",
+    "SMTPNOTIFY_MAX_MESSAGES_PER_CONNECTION": "100",
+    "SMTPNOTIFY_MAX_MESSAGES_PER_SECOND": "2.5",
     "PATH": "/usr/bin",
     "SMTPNOTIFYHOST": "not ours",
 }
@@ -858,6 +861,9 @@ def test_from_env_reads_every_field() -> None:
         max_retry_interval=timedelta(hours=1),
         expiration=timedelta(days=2),
         local_hostname="client.example.com",
+        max_connections=4,
+        max_messages_per_connection=100,
+        max_messages_per_second=2.5,
     )
     assert set(FULL_ENV) - {"PATH", "SMTPNOTIFYHOST"} == {
         f"SMTPNOTIFY_{name.upper()}" for name in MailConfig.model_fields
@@ -1024,3 +1030,100 @@ def test_from_file_rejects_other_suffixes_and_non_tables(tmp_path: Path) -> None
         MailConfig.from_file(listed)
     with pytest.raises(FileNotFoundError):
         MailConfig.from_file(tmp_path / "missing.toml")
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+def test_pool_fields_default_to_one_connection_and_no_limits() -> None:
+    config = make()
+    assert config.max_connections == 1
+    assert config.max_messages_per_connection is None
+    assert config.max_messages_per_second is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_connections", 1),
+        ("max_connections", 32),
+        ("max_messages_per_connection", 1),
+        ("max_messages_per_connection", 10_000),
+        ("max_messages_per_second", 0.01),
+        ("max_messages_per_second", 14),
+    ],
+)
+def test_pool_fields_accept_their_range(field: str, value: float) -> None:
+    assert getattr(make(**{field: value}), field) == value
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("max_connections", 0, "greater than or equal to 1"),
+        ("max_connections", 33, "less than or equal to 32"),
+        ("max_connections", 2.5, "integer"),
+        ("max_connections", True, "not a boolean"),
+        ("max_connections", None, "integer"),
+        ("max_messages_per_connection", 0, "greater than or equal to 1"),
+        ("max_messages_per_connection", -3, "greater than or equal to 1"),
+        ("max_messages_per_connection", False, "not a boolean"),
+        ("max_messages_per_second", 0, "greater than 0"),
+        ("max_messages_per_second", -1.5, "greater than 0"),
+        ("max_messages_per_second", math.inf, "finite"),
+        ("max_messages_per_second", math.nan, "finite"),
+        ("max_messages_per_second", True, "not a boolean"),
+    ],
+)
+def test_pool_fields_reject_values_out_of_range(field: str, value: Any, rule: str) -> None:
+    exc = reject(**{field: value})
+    assert locs(exc) == [(field,)]
+    assert rule in only_message(exc)
+
+
+def test_pool_fields_from_env_and_file(tmp_path: Path) -> None:
+    config = MailConfig.from_env(
+        environ={
+            "SMTPNOTIFY_SENDER": SENDER,
+            "SMTPNOTIFY_MAX_CONNECTIONS": "8",
+            "SMTPNOTIFY_MAX_MESSAGES_PER_CONNECTION": "",  # empty: unset, no limit
+            "SMTPNOTIFY_MAX_MESSAGES_PER_SECOND": "0.5",
+        }
+    )
+    assert (config.max_connections, config.max_messages_per_connection) == (8, None)
+    assert config.max_messages_per_second == 0.5
+    path = tmp_path / "mail.toml"
+    path.write_text(
+        f'sender = "{SENDER}"\nmax_connections = 4\nmax_messages_per_connection = 50\n',
+        encoding="utf-8",
+    )
+    loaded = MailConfig.from_file(path)
+    assert (loaded.max_connections, loaded.max_messages_per_connection) == (4, 50)
+    assert MailConfig.model_validate_json(loaded.model_dump_json()) == loaded
+
+
+@settings(max_examples=50)
+@given(
+    connections=st.integers(min_value=-5, max_value=40),
+    per_connection=st.none() | st.integers(min_value=-5, max_value=10**6),
+    rate=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_pool_fields_are_valid_exactly_within_their_rules(
+    connections: int, per_connection: int | None, rate: float | None
+) -> None:
+    valid = (
+        1 <= connections <= 32
+        and (per_connection is None or per_connection >= 1)
+        and (rate is None or (rate > 0 and math.isfinite(rate)))
+    )
+    kwargs: dict[str, Any] = {
+        "max_connections": connections,
+        "max_messages_per_connection": per_connection,
+        "max_messages_per_second": rate,
+    }
+    if valid:
+        config = make(**kwargs)
+        assert config.max_connections == connections
+        assert config.max_messages_per_second == rate
+    else:
+        reject(**kwargs)

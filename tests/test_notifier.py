@@ -39,7 +39,7 @@ def no_recipient() -> EmailMessage:
 # -- send --------------------------------------------------------------------------------------
 
 
-def test_send_delivers_one_message_on_its_own_connection(sink: SMTPSink) -> None:
+def test_send_delivers_one_message_and_keeps_the_connection_for_the_next(sink: SMTPSink) -> None:
     with Notifier(config_for(sink)) as notifier:
         result = notifier.send(note(("a@example.com", "b@example.com")))
         notifier.send(note("c@example.com"))
@@ -50,8 +50,8 @@ def test_send_delivers_one_message_on_its_own_connection(sink: SMTPSink) -> None
     assert first.rcpt_tos == ("a@example.com", "b@example.com")
     assert str(first.message["Message-ID"]) == result.message_id
     assert first.mail_from == "noreply@example.com"
-    assert first.connection != second.connection  # send() never reuses a connection
-    assert sink.verbs.count("QUIT") == 2
+    assert first.connection == second.connection  # the idle pooled connection, reused
+    assert sink.verbs.count("QUIT") == 1  # said once, by close()
 
 
 def test_send_reports_refused_recipients_and_raises_when_all_are(

@@ -275,6 +275,16 @@ class MailConfig(BaseModel):
     waits in the outbox (that is ``retry_interval`` and ``expiration``), and
     several messages sent over one connection take one send phase each.
 
+    Connections are pooled: a ``Notifier`` keeps at most ``max_connections``
+    open at once (``send_many`` and the outbox worker spread their messages
+    over them; ``send`` reuses an idle one), says QUIT and reconnects after
+    ``max_messages_per_connection`` messages on one connection, and starts at
+    most ``max_messages_per_second`` messages a second over all of them (off
+    by default; set it when the provider throttles)::
+
+        MailConfig(sender="app@example.com", max_connections=4,
+                   max_messages_per_connection=100, max_messages_per_second=10)
+
     The password is a `pydantic.SecretStr`: ``repr``, ``str``, validation
     errors and dumps show ``**********``.  To dump it in clear text, ask for
     it: ``config.model_dump(context={"reveal_secrets": True})`` (the same
@@ -351,6 +361,23 @@ class MailConfig(BaseModel):
     local_hostname: str | None = Field(
         default=None, description="Name sent in EHLO; None -> the session chooses."
     )
+    max_connections: Annotated[int, BeforeValidator(_not_bool)] = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="Most connections one Notifier holds open at once (1-32).",
+    )
+    max_messages_per_connection: Annotated[int | None, BeforeValidator(_not_bool)] = Field(
+        default=None,
+        ge=1,
+        description="Say QUIT and reconnect after this many messages; None -> no limit.",
+    )
+    max_messages_per_second: Annotated[float | None, BeforeValidator(_not_bool)] = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Most messages started per second, over all connections; None -> no limit.",
+    )
 
     if TYPE_CHECKING:
         # What the constructor accepts, for type checkers: wider than the stored
@@ -379,6 +406,9 @@ class MailConfig(BaseModel):
             max_retry_interval: timedelta | float | str | None = ...,
             expiration: timedelta | float | str = ...,
             local_hostname: str | None = ...,
+            max_connections: int = ...,
+            max_messages_per_connection: int | None = ...,
+            max_messages_per_second: float | None = ...,
         ) -> None: ...
 
     # ------------------------------------------------------------------ field rules

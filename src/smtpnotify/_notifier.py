@@ -8,9 +8,11 @@ import socket
 import threading
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -18,10 +20,12 @@ from ._config import MailConfig
 from ._delivery import apply_outcome
 from ._errors import InsecureTrustWarning, SMTPNotifyError
 from ._message import Notification, prepare
+from ._pool import ConnectionPool
 from ._prepared import PreparedMessage
+from ._ratelimit import RateLimiter
 from ._results import DeliveryReport, SendResult, VerifyReport, VerifyStep
 from ._retry import RetrySchedule
-from ._smtp import SMTPSession
+from ._smtp import Outcome, SMTPSession
 from ._tls import TLSPlan, plan_tls
 from ._worker import Worker
 from .outbox._base import Outbox, OutboxEntry, OutboxStatus
@@ -57,9 +61,10 @@ class Notifier:
             and expiration logic reads time only through it.
         lease: how long a worker holds a claimed message before another worker
             may take it.  Default: connect deadline + ``batch_size`` × send
-            deadline + 60 s, so a live worker never loses a lease mid-send.
-        batch_size: messages claimed at once by one delivery pass (and sent over
-            one connection).
+            deadline + 60 s (+ ``batch_size`` / ``max_messages_per_second`` when
+            the rate is limited), so a live worker never loses a lease mid-send.
+        batch_size: messages claimed at once by one delivery pass (and spread
+            over up to ``config.max_connections`` connections).
         poll_interval: how often (seconds) an idle worker looks for messages that
             other processes queued, when the outbox cannot signal it.
         on_sent: called with the entry after it was sent (from the delivering
@@ -68,7 +73,10 @@ class Notifier:
             alert someone that a notification could not be delivered.
         on_expired: called with the entry after its expiration passed unsent.
 
-    One ``Notifier`` is safe to use from many threads at once.
+    One ``Notifier`` is safe to use from many threads at once.  Its connections
+    are pooled: at most ``config.max_connections`` are open at once, shared by
+    :meth:`send`, :meth:`send_many` and the worker; an idle one is reused by the
+    next call and closed by :meth:`close`.
     """
 
     def __init__(
@@ -102,11 +110,23 @@ class Notifier:
         self.schedule = RetrySchedule.from_config(config)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
+        rate = config.max_messages_per_second
         self.lease = lease or timedelta(
             seconds=config.effective_connect_timeout
             + batch_size * config.effective_send_timeout
+            + (batch_size / rate if rate else 0)
             + 60
         )
+        # The factory holds the config and plan, never the notifier: the finalizer
+        # below must be able to run when the notifier is garbage.
+        self._pool = ConnectionPool(
+            partial(SMTPSession, config, self._plan or TLSPlan((), ())),
+            max_connections=config.max_connections,
+            max_messages_per_connection=config.max_messages_per_connection,
+            limiter=RateLimiter(rate) if rate else None,
+        )
+        # A notifier dropped without close(): its idle connections' sockets are closed.
+        weakref.finalize(self, self._pool.discard_idle)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.on_sent, self.on_failed, self.on_expired = on_sent, on_failed, on_expired
         self._worker: Worker | None = None
@@ -150,31 +170,44 @@ class Notifier:
 
     # -- sending now ----------------------------------------------------------------
     def send(self, message: Message) -> SendResult:
-        """Send one message now, on a connection of its own; raise on failure.
+        """Send one message now; raise on failure.
 
-        Takes at most ``connect_timeout + send_timeout``.  Refused recipients are
-        in the result's ``refused`` as long as one recipient accepted; when all
-        are refused, :class:`~smtpnotify.RecipientsRefused` is raised.
+        It goes over an idle pooled connection when there is one (else a new
+        one, kept open for the next call; :meth:`close` closes it).  Takes at
+        most ``connect_timeout + send_timeout``, once a connection is free (with
+        ``max_connections`` in use by other threads, it waits for one).  Refused
+        recipients are in the result's ``refused`` as long as one recipient
+        accepted; when all are refused, :class:`~smtpnotify.RecipientsRefused`
+        is raised.
         """
         prepared = self.prepare(message)
         return self.send_prepared(prepared)
 
     def send_prepared(self, prepared: PreparedMessage) -> SendResult:
         """Send an already prepared message now (what :meth:`send` does after :meth:`prepare`)."""
-        session = self._session()
-        try:
-            session.open()
-            return session.send(prepared)
-        finally:
-            session.close()
+        outcomes: list[Outcome | None] = [None]
+
+        def record(_: int, outcome: Outcome | None) -> None:
+            outcomes[0] = outcome
+
+        self._pool.send([0], lambda _: prepared, record)
+        [outcome] = outcomes
+        if isinstance(outcome, SMTPNotifyError):
+            raise outcome
+        assert outcome is not None
+        return outcome
 
     def send_many(self, messages: Iterable[Message]) -> list[SendResult | SMTPNotifyError]:
-        """Send several messages over one connection, in order; never raises for one message.
+        """Send several messages now over pooled connections; never raises for one message.
 
         Each item of the result is the :class:`SendResult` or the error for the
-        message at the same position.  The connection is reopened when the
-        server closes it; if reopening fails, the remaining messages get that
-        error.  Takes at most connect + N × send deadlines per connection opened.
+        message at the same position.  The messages are split, in order, over up
+        to ``config.max_connections`` connections in parallel (as many as are
+        free), and pipelined on each when the server offers PIPELINING.  A
+        connection the server closes (or that reaches
+        ``max_messages_per_connection``) is replaced; if reopening fails, the
+        rest of its messages get that error.  Takes at most connect + N × send
+        deadlines per connection opened, N its messages.
         """
         results: list[SendResult | SMTPNotifyError | None] = []
         prepared: list[PreparedMessage | None] = []
@@ -185,31 +218,12 @@ class Notifier:
             except SMTPNotifyError as exc:
                 prepared.append(None)
                 results.append(exc)
-        session: SMTPSession | None = None
-        connect_error: SMTPNotifyError | None = None
-        try:
-            for index, item in enumerate(prepared):
-                if item is None:
-                    continue
-                if connect_error is not None:
-                    results[index] = connect_error
-                    continue
-                if session is None or not session.usable:
-                    if session is not None:
-                        session.close()
-                    session = self._session()
-                    try:
-                        session.open()
-                    except SMTPNotifyError as exc:
-                        connect_error = results[index] = exc
-                        continue
-                try:
-                    results[index] = session.send(item)
-                except SMTPNotifyError as exc:
-                    results[index] = exc
-        finally:
-            if session is not None:
-                session.close()
+
+        def record(index: int, outcome: Outcome | None) -> None:
+            results[index] = outcome
+
+        todo = [index for index, item in enumerate(prepared) if item is not None]
+        self._pool.send(todo, prepared.__getitem__, record)
         return [r for r in results if r is not None]
 
     def verify(self) -> VerifyReport:
@@ -267,9 +281,11 @@ class Notifier:
     def deliver_due(self) -> DeliveryReport:
         """One pass over the messages due now: expire, claim, send, record.
 
-        Messages are claimed ``batch_size`` at a time under a lease and sent over
-        one connection per batch.  A message that failed in this pass is not tried
-        again in the same pass.
+        Messages are claimed ``batch_size`` at a time under a lease; a batch is
+        spread over up to ``config.max_connections`` pooled connections (one with
+        the default).  A message that failed in this pass is not tried again in
+        the same pass.  The hooks (``on_sent``…) of a batch run once its
+        messages are all settled and its connections are back in the pool.
         """
         report = DeliveryReport()
         with self._pass_lock:
@@ -294,61 +310,60 @@ class Notifier:
         return report
 
     def _deliver_batch(self, batch: Sequence[OutboxEntry]) -> DeliveryReport:
+        """Send a claimed batch over the pool and record each outcome as it settles.
+
+        Outcomes are recorded in this thread, one by one as the messages settle;
+        the application's hooks run after the whole batch, once its connections
+        are back in the pool (a hook may send mail itself).
+        """
         report = DeliveryReport()
-        session: SMTPSession | None = None
-        connect_error: SMTPNotifyError | None = None
-        try:
-            for position, entry in enumerate(batch):
-                if self._stopping.is_set():
-                    for rest in batch[position:]:
-                        self.outbox.release(rest.id, owner=self.owner, now=self.now())
-                    break
-                now = self.now()
-                if now >= entry.expires_at:
-                    # Never attempted: give back the claim (and the attempt it counted),
-                    # then expire it, keeping the last error it really ran into.
-                    self.outbox.release(entry.id, owner=self.owner, now=now)
-                    if self.outbox.record_expired(entry.id, owner=None, now=now):
-                        report.expired += 1
-                        self._hook(self.on_expired, entry, reload=True)
-                    continue
-                result: SendResult | None = None
-                error: SMTPNotifyError | None = connect_error
-                if error is None:
-                    if session is None or not session.usable:
-                        if session is not None:
-                            session.close()
-                        session = self._session()
-                        try:
-                            session.open()
-                        except SMTPNotifyError as exc:
-                            error = connect_error = exc
-                    if error is None:
-                        assert session is not None
-                        try:
-                            result = session.send(entry.message)
-                        except SMTPNotifyError as exc:
-                            error = exc
-                outcome = apply_outcome(
-                    self.outbox, entry, owner=self.owner, now=self.now(), schedule=self.schedule,
-                    result=result, error=error,
-                )
-                if not outcome.recorded:
-                    continue
-                if outcome.status is OutboxStatus.SENT:
-                    report.sent += 1
-                    self._hook(self.on_sent, entry, reload=True)
-                elif outcome.status is OutboxStatus.PENDING:
-                    report.retried += 1
-                elif outcome.status is OutboxStatus.FAILED:
-                    report.failed += 1
-                    self._hook(self.on_failed, entry, reload=True)
-                else:
+        hooks: list[tuple[EntryHook | None, OutboxEntry]] = []
+
+        def message_of(entry: OutboxEntry) -> PreparedMessage | None:
+            # Asked just before the entry would go out: not once stop() was called,
+            # and never at or after its expiry.
+            if self._stopping.is_set() or self.now() >= entry.expires_at:
+                return None
+            return entry.message
+
+        def record(entry: OutboxEntry, outcome: Outcome | None) -> None:
+            now = self.now()
+            if outcome is None:
+                # Never attempted: give back the claim (and the attempt it counted);
+                # if it is due to expire, expire it, keeping the last error it really
+                # ran into.
+                self.outbox.release(entry.id, owner=self.owner, now=now)
+                if now >= entry.expires_at and self.outbox.record_expired(
+                    entry.id, owner=None, now=now
+                ):
                     report.expired += 1
-                    self._hook(self.on_expired, entry, reload=True)
+                    hooks.append((self.on_expired, entry))
+                return
+            result = outcome if isinstance(outcome, SendResult) else None
+            error = outcome if isinstance(outcome, SMTPNotifyError) else None
+            applied = apply_outcome(
+                self.outbox, entry, owner=self.owner, now=now, schedule=self.schedule,
+                result=result, error=error,
+            )
+            if not applied.recorded:
+                return
+            if applied.status is OutboxStatus.SENT:
+                report.sent += 1
+                hooks.append((self.on_sent, entry))
+            elif applied.status is OutboxStatus.PENDING:
+                report.retried += 1
+            elif applied.status is OutboxStatus.FAILED:
+                report.failed += 1
+                hooks.append((self.on_failed, entry))
+            else:
+                report.expired += 1
+                hooks.append((self.on_expired, entry))
+
+        try:
+            self._pool.send(batch, message_of, record)
         finally:
-            if session is not None:
-                session.close()
+            for hook, entry in hooks:
+                self._hook(hook, entry, reload=True)
         return report
 
     def _hook(self, hook: EntryHook | None, entry: OutboxEntry, *, reload: bool = False) -> None:
@@ -399,8 +414,10 @@ class Notifier:
             self._stopping.clear()  # deliver_due() works again after stop()
 
     def close(self) -> None:
-        """Stop the worker and close the outbox the notifier created itself (not one you passed)."""
+        """Stop the worker, close the pooled connections (QUIT) and the outbox the
+        notifier created itself (not one you passed)."""
         self.stop()
+        self._pool.close()
         with self._worker_lock:
             if self._closed:
                 return

@@ -26,11 +26,12 @@ import dataclasses
 import ipaddress
 import logging
 import re
+import select
 import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from ._deadline import Deadline, DeadlineExceeded, call_with_deadline
@@ -56,8 +57,9 @@ from ._tls import ContextKind, TLSPlan, check_fingerprint, sha256_hex
 
 if TYPE_CHECKING:
     from ._config import MailConfig
+    from ._ratelimit import RateLimiter
 
-__all__ = ["SMTPSession", "dot_stuff"]
+__all__ = ["SMTPSession", "dot_stuff", "iter_dot_stuffed"]
 
 log = logging.getLogger("smtpnotify.smtp")
 
@@ -65,8 +67,12 @@ _MAXLINE = 8192  # as smtplib: a reply line longer than this is a protocol error
 _MAX_REPLY_LINES = 1000  # a reply of more lines is a misbehaving server, deadline or not
 _SEND_CHUNK = 256 * 1024
 _EOL = re.compile(rb"\r\n|\r|\n")
+_NO_SMTPUTF8 = "the message needs SMTPUTF8 (a non-ASCII address), which the server does not offer"
+_AFTER_DOT = " after the final '.': the server may have accepted the message"
 
 StepHook = Callable[[VerifyStep], None]
+Outcome = SendResult | SMTPNotifyError
+ResultHook = Callable[[int, Outcome], None]
 
 
 def dot_stuff(data: bytes) -> bytes:
@@ -86,6 +92,46 @@ def dot_stuff(data: bytes) -> bytes:
     return data + b".\r\n"
 
 
+def iter_dot_stuffed(data: bytes, chunk: int = _SEND_CHUNK) -> Iterator[bytes]:
+    """:func:`dot_stuff` in pieces: ``b"".join(iter_dot_stuffed(data)) == dot_stuff(data)``.
+
+    ``data`` is read one slice of ``chunk`` bytes at a time, so only about one
+    slice (at most twice its size after normalising) exists besides ``data``
+    itself, however big the message.  A CR ending one slice and an LF starting
+    the next are one line ending, and a ``.`` starting a slice is doubled when
+    it starts a line.  The last piece ends with the terminating ``.`` line;
+    no piece is empty.  Slices that are already CRLF-only (every prepared
+    message) are only scanned, and copied only where a line starts with ``.``.
+    """
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
+    size = len(data)
+    pos = 0
+    line_start = True  # the output so far ends a line (or is empty)
+    skip_lf = False  # the last slice ended with a CR, already written as CRLF
+    held: bytes | None = None  # held back so the terminator can join the last piece
+    while pos < size:
+        piece = data[pos : pos + chunk]
+        pos += chunk
+        if skip_lf and piece.startswith(b"\n"):
+            piece = piece[1:]
+        skip_lf = piece.endswith(b"\r")
+        crlf = piece.count(b"\r\n")
+        if piece.count(b"\r") != crlf or piece.count(b"\n") != crlf:
+            piece = _EOL.sub(b"\r\n", piece)
+        if not piece:
+            continue
+        if line_start and piece.startswith(b"."):
+            piece = b"." + piece
+        piece = piece.replace(b"\r\n.", b"\r\n..")
+        line_start = piece.endswith(b"\n")  # only ever as CRLF by now
+        if held is not None:
+            yield held
+        held = piece
+    end = b".\r\n" if line_start else b"\r\n.\r\n"
+    yield end if held is None else held + end
+
+
 class _Disconnected(Exception):
     """Internal: the server closed the connection (or it broke)."""
 
@@ -103,6 +149,7 @@ class _Wire(smtplib.SMTP):
         self._host = host
         self.deadline = Deadline(1.0)
         self.redact = False
+        self.bytes_sent = 0  # every byte the kernel took, for "was the final '.' out?"
         self._rbuf = bytearray()
 
     # -- the socket -----------------------------------------------------------
@@ -110,7 +157,9 @@ class _Wire(smtplib.SMTP):
         """DNS (in a helper thread) and TCP connect, each bounded by the deadline."""
         try:
             ipaddress.ip_address(host)
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+            infos = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
         except ValueError:
             try:
                 infos = call_with_deadline(
@@ -131,6 +180,10 @@ class _Wire(smtplib.SMTP):
                 sock.close()
                 last = exc
                 continue
+            # Commands and groups are written whole: never hold a small write back for
+            # an ACK (Nagle), which would cost a round trip per pipelined group.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock = sock
             self.file = None
             self._rbuf.clear()
@@ -184,6 +237,7 @@ class _Wire(smtplib.SMTP):
             while view:
                 self.deadline.apply(sock)
                 sent = sock.send(view[:_SEND_CHUNK])
+                self.bytes_sent += sent
                 view = view[sent:]
         except TimeoutError:
             raise DeadlineExceeded("send") from None
@@ -238,6 +292,28 @@ class _Wire(smtplib.SMTP):
             log.debug("reply: %d %s", code, shown)
         return code, reply
 
+    def quiet(self) -> bool:
+        """Whether nothing has arrived since the last reply read.
+
+        Anything that did (the end of the stream when the server closed an idle
+        connection, an unasked ``421`` before it does) means the connection is
+        not fit for another message.
+        """
+        sock = self.sock
+        if sock is None or self._rbuf:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return False
+        try:
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                return not poller.poll(0)
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
     def close(self) -> None:
         """Close the socket without a word to the server."""
         self._rbuf.clear()
@@ -273,6 +349,7 @@ class SMTPSession:
     >>> session = SMTPSession(config, plan)     # doctest: +SKIP
     >>> session.open()                          # connect phase, or raises
     >>> session.send(prepared)                  # send phase, once per message
+    >>> session.send_batch(messages)            # several, pipelined across messages
     >>> session.close()                         # QUIT when the connection is sound
 
     After any timeout, drop or 421 the session is not ``usable`` and must be
@@ -289,6 +366,8 @@ class SMTPSession:
         self.cipher: str | None = None
         self.peer_der: bytes | None = None
         self.messages_sent = 0
+        self.transactions = 0  # messages begun (MAIL written): max_messages_per_connection
+        self._answered = 0  # replies to the current message's commands read so far
 
     @property
     def peer_sha256(self) -> str | None:
@@ -387,7 +466,8 @@ class SMTPSession:
         if not wire.has_extn("starttls"):
             self._quit_quietly(wire)
             raise StartTLSNotSupported(
-                "the server does not offer STARTTLS, and tls='starttls' requires it", phase="connect"
+                "the server does not offer STARTTLS, and tls='starttls' requires it",
+                phase="connect",
             )
         code, reply = wire.docmd("STARTTLS")
         if code != 220:
@@ -411,10 +491,20 @@ class SMTPSession:
         password = config.password.get_secret_value()
         failure: str | None = None
         wire.redact = True
+        offered = wire.esmtp_features.get("auth", "").upper().split()
+        # One mechanism, once: smtplib's login() would try every mechanism in turn and
+        # so send a wrong password several times (locking accounts out sooner).
+        mechanism = next((m for m in ("PLAIN", "LOGIN", "CRAM-MD5") if m in offered), None)
         try:
-            wire.login(config.username, password)
+            if mechanism is None:
+                raise smtplib.SMTPException(
+                    f"no supported mechanism (PLAIN, LOGIN, CRAM-MD5) among {' '.join(offered)}"
+                )
+            wire.user, wire.password = config.username, password
+            wire.auth(mechanism, getattr(wire, "auth_" + mechanism.lower().replace("-", "_")))
         except smtplib.SMTPAuthenticationError as exc:
-            text = _text(exc.smtp_error) if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+            error = exc.smtp_error
+            text = _text(error) if isinstance(error, bytes) else str(error)
             failure = f"the server refused the credentials: {exc.smtp_code} {text}"
         except smtplib.SMTPException as exc:
             failure = f"authentication failed: {exc}"
@@ -439,29 +529,18 @@ class SMTPSession:
         if wire is None or not self.usable:
             raise ConnectError("the session is not connected", phase="send")
         if message.smtputf8 and not wire.has_extn("smtputf8"):
-            raise InvalidMessage(
-                "the message needs SMTPUTF8 (a non-ASCII address), which the server does not offer",
-                phase="send",
-            )
+            raise InvalidMessage(_NO_SMTPUTF8, phase="send")
         wire.deadline = Deadline(self.config.effective_send_timeout)
+        self.transactions += 1
+        self._answered = 0
         with self._guard("send") as state:
             result = self._transaction(wire, message, state)
         self.messages_sent += 1
         return result
 
     def _transaction(self, wire: _Wire, message: PreparedMessage, state: _State) -> SendResult:
-        options = []
-        if message.smtputf8:
-            options.append("SMTPUTF8")
-            wire.command_encoding = "utf-8"
-        else:
-            wire.command_encoding = "ascii"
-        if wire.has_extn("8bitmime") and not message.data.isascii():
-            options.append("BODY=8BITMIME")
-        if wire.has_extn("size"):
-            options.append(f"SIZE={len(message.data)}")
-        mail = f"MAIL FROM:<{message.sender}>" + "".join(" " + o for o in options)
-        commands = [mail, *(f"RCPT TO:<{r}>" for r in message.recipients), "DATA"]
+        wire.command_encoding = "utf-8" if message.smtputf8 else "ascii"
+        commands = _commands(wire, message)
         if wire.has_extn("pipelining"):
             # RFC 2920: the whole group in one write, then the replies in order.
             wire.send("".join(c + "\r\n" for c in commands))
@@ -475,42 +554,262 @@ class SMTPSession:
                 replies.append(self._reply(wire, verb))
                 if verb == "MAIL" and replies[0][0] != 250:
                     break
-        mail_reply, rcpt_replies = replies[0], replies[1 : 1 + len(message.recipients)]
-        data_reply = replies[len(commands) - 1] if len(replies) == len(commands) else None
-        accepted = tuple(r for r, (c, _) in zip(message.recipients, rcpt_replies, strict=False) if 200 <= c < 300)
-        refused = {
-            r: (c, t) for r, (c, t) in zip(message.recipients, rcpt_replies, strict=False) if not 200 <= c < 300
-        }
-        failure: ResponseError | None = None
-        if mail_reply[0] != 250:
-            failure = response_error(*mail_reply, command="MAIL", phase="send")
-        elif not accepted:
-            failure = RecipientsRefused(refused)
-        elif data_reply is not None and data_reply[0] != 354:
-            failure = response_error(*data_reply, command="DATA", phase="send")
+        accepted, refused, data_reply, failure = _verdict(message, replies)
         if failure is not None:
-            # The refusal is the error, whatever the clean-up runs into; a clean-up that
-            # times out, drops or gets a 421 leaves the connection unusable (discarded).
-            try:
-                if data_reply is not None and data_reply[0] == 354:
-                    wire.send(b".\r\n")  # a server that said 354 anyway: end the empty content
-                    self._reply(wire, "DATA")
-                self._reset(wire)
-            except (_Disconnected, DeadlineExceeded, TransientError):
-                self.usable = False
+            self._clean_up(wire, data_reply)
             raise failure
-        wire.send(dot_stuff(message.data))
-        state.after_dot = True
+        self._write_content(wire, message, state)
         code, text = self._reply(wire, "DATA")
         if code != 250:
             raise response_error(code, text, command="DATA", phase="send")
         return SendResult(message_id=message.message_id, accepted=accepted, refused=refused)
+
+    def _clean_up(self, wire: _Wire, data_reply: tuple[int, str] | None) -> None:
+        """End a refused transaction: a lone "." if DATA was answered 354 anyway, then RSET.
+
+        The refusal is the message's error, whatever the clean-up runs into; a
+        clean-up that times out, drops or gets a 421 leaves the connection
+        unusable (to be discarded).
+        """
+        try:
+            if data_reply is not None and data_reply[0] == 354:
+                wire.send(b".\r\n")  # RFC 2920 §3.1: end the empty content, never the message
+                self._reply(wire, "DATA")
+            self._reset(wire)
+        except (_Disconnected, DeadlineExceeded, TransientError):
+            self.usable = False
+
+    def _write_content(
+        self, wire: _Wire, message: PreparedMessage, state: _State, then: bytes = b""
+    ) -> None:
+        """Write ``message``'s content, dot-stuffed, with the final ``.`` — the one
+        place message content goes out — followed by ``then`` (the next message's
+        pipelined commands), in the same write when the content is small.
+
+        Sets ``state.after_dot`` once the ``.`` is out, also when writing ``then``
+        fails after it: from then on a failure is ambiguous.
+        """
+        # Stuffed a slice at a time (a big attachment is never copied whole); every
+        # write is under the send deadline.  ``payload`` ends as the last piece, the
+        # one that holds the final ``.``.
+        payload = b""
+        for piece in iter_dot_stuffed(message.data):
+            if payload:
+                wire.send(payload)
+            payload = piece
+        start = wire.bytes_sent
+        try:
+            if then and len(payload) + len(then) <= _SEND_CHUNK:
+                wire.send(payload + then)  # one write, one segment: no round trip between
+            else:
+                wire.send(payload)
+                state.after_dot = True
+                if then:
+                    wire.send(then)
+        finally:
+            if wire.bytes_sent - start >= len(payload):
+                state.after_dot = True
+
+    # -- several messages ------------------------------------------------------------
+    def send_batch(
+        self,
+        messages: Iterable[PreparedMessage],
+        *,
+        limiter: RateLimiter | None = None,
+        on_result: ResultHook | None = None,
+        retry_stale: bool = False,
+    ) -> list[Outcome | None]:
+        """Send messages one after another on this connection; never raises for one message.
+
+        When the server offers PIPELINING the transactions overlap (RFC 2920
+        §3.1): message *i*'s content and final ``.`` go out in one write with
+        message *i+1*'s ``MAIL``/``RCPT``…/``DATA``, then the replies are read in
+        order — *i*'s final reply, then *i+1*'s — so a message costs about one
+        round trip.  Without PIPELINING they go one at a time, as :meth:`send`.
+
+        ``messages`` is consumed lazily: the next one is taken only when the
+        connection is ready to begin it, so a caller stops the batch by ending
+        the iterable.  The list returned has one item per message taken, in
+        order: its :class:`SendResult`, its error, or ``None`` when the
+        connection ended before anything of that message could have been
+        accepted (no reply settled it, its ``.`` was never written): send it on
+        another connection.  A refusal (4xx/5xx) settles only its own message;
+        the message a timeout, drop or ``421`` hit gets that error
+        (``ambiguous`` once its ``.`` was written), the ones begun after it get
+        ``None``, and the connection is discarded.
+
+        Each message has its own ``send_timeout`` from when its commands are
+        written, so N messages take at most N send deadlines.
+
+        Args:
+            limiter: one token per message, taken before its ``MAIL`` is
+                written.  When none is at hand the next message is not pipelined:
+                the current one is finished first, so no deadline runs while
+                waiting.
+            on_result: called with ``(position, outcome)`` as each message is
+                settled, in this thread.  An exception it raises discards the
+                connection and propagates.
+            retry_stale: the connection was idle (in a pool): if the first
+                message meets a drop or ``421`` before any of its commands was
+                answered, the connection had gone stale, and that message gets
+                ``None`` (send it again) instead of the error.
+        """
+        results: list[Outcome | None] = []
+        wire = self._wire
+        if wire is None or not self.usable:
+            return results
+
+        def settle(position: int, outcome: Outcome) -> None:
+            results[position] = outcome
+            if on_result is not None:
+                try:
+                    on_result(position, outcome)
+                except BaseException as exc:
+                    self.discard()
+                    raise _HookFailed from exc
+
+        def source(items: Iterator[PreparedMessage]) -> Iterator[PreparedMessage]:
+            # What the caller's iterable raises is the caller's, not the connection's.
+            while True:
+                try:
+                    message = next(items)
+                except StopIteration:
+                    return
+                except BaseException as exc:
+                    self.discard()
+                    raise _HookFailed from exc
+                yield message
+
+        try:
+            if wire.has_extn("pipelining"):
+                self._pipeline(wire, source(iter(messages)), results, settle, limiter, retry_stale)
+            else:
+                self._one_by_one(source(iter(messages)), results, settle, limiter, retry_stale)
+        except _HookFailed as wrapped:
+            assert wrapped.__cause__ is not None
+            raise wrapped.__cause__ from None
+        return results
+
+    def _one_by_one(
+        self,
+        messages: Iterator[PreparedMessage],
+        results: list[Outcome | None],
+        settle: Callable[[int, Outcome], None],
+        limiter: RateLimiter | None,
+        retry_stale: bool,
+    ) -> None:
+        for message in messages:
+            position = len(results)
+            results.append(None)
+            if limiter is not None:
+                limiter.acquire()
+            outcome: Outcome
+            try:
+                outcome = self.send(message)
+            except SMTPNotifyError as exc:
+                if retry_stale and position == 0 and self._stale(exc):
+                    return
+                outcome = exc
+            settle(position, outcome)
+            if not self.usable:
+                return
+
+    def _pipeline(
+        self,
+        wire: _Wire,
+        messages: Iterator[PreparedMessage],
+        results: list[Outcome | None],
+        settle: Callable[[int, Outcome], None],
+        limiter: RateLimiter | None,
+        retry_stale: bool,
+    ) -> None:
+        seconds = self.config.effective_send_timeout
+        utf8 = wire.has_extn("smtputf8")
+
+        def take() -> _Job | None:
+            """The next message this connection can carry; the others are settled."""
+            for message in messages:
+                results.append(None)
+                position = len(results) - 1
+                commands = _commands(wire, message)
+                try:
+                    if message.smtputf8 and not utf8:
+                        raise InvalidMessage(_NO_SMTPUTF8, phase="send")
+                    encoding = "utf-8" if message.smtputf8 else "ascii"
+                    try:
+                        group = "".join(c + "\r\n" for c in commands).encode(encoding)
+                    except UnicodeEncodeError:
+                        raise InvalidMessage(
+                            "an address is not ASCII but the message is not marked SMTPUTF8",
+                            phase="send",
+                        ) from None
+                except InvalidMessage as exc:
+                    settle(position, exc)
+                    continue
+                return _Job(position, message, group, _verbs(commands))
+            return None
+
+        job = take()
+        first = job
+        failing = job
+        try:
+            with self._guard("send") as state:
+                while job is not None:
+                    failing, state.after_dot, self._answered = job, False, 0
+                    if job.deadline is None:  # not pipelined behind the previous message
+                        if limiter is not None:
+                            limiter.acquire()
+                        job.deadline = Deadline(seconds)
+                        wire.deadline = job.deadline
+                        self.transactions += 1
+                        wire.send(job.group)
+                    wire.deadline = job.deadline
+                    replies = [self._reply(wire, verb) for verb in job.verbs]
+                    accepted, refused, data_reply, failure = _verdict(job.message, replies)
+                    if failure is not None:
+                        self._clean_up(wire, data_reply)
+                        if not self.usable:
+                            self.discard()
+                        settle(job.position, failure)
+                        job = take() if self.usable else None
+                        continue
+                    upcoming = take()
+                    then = b""
+                    if upcoming is not None and (limiter is None or limiter.try_acquire()):
+                        then = upcoming.group
+                    self._write_content(wire, job.message, state, then)
+                    if upcoming is not None and then:
+                        upcoming.deadline = Deadline(seconds)
+                        self.transactions += 1
+                    code, text = self._reply(wire, "DATA")
+                    outcome: Outcome
+                    if code == 250:
+                        self.messages_sent += 1
+                        outcome = SendResult(job.message.message_id, accepted, refused)
+                    else:
+                        outcome = response_error(code, text, command="DATA", phase="send")
+                    settle(job.position, outcome)
+                    job = upcoming
+        except SMTPNotifyError as exc:
+            assert failing is not None
+            if not (retry_stale and failing is first and self._stale(exc)):
+                settle(failing.position, exc)
+
+    def _stale(self, error: SMTPNotifyError) -> bool:
+        """Whether ``error`` is how a connection that went stale while idle fails:
+        a drop or a ``421`` before the server answered any of the message's commands."""
+        if self._answered or error.ambiguous:
+            return False
+        if isinstance(error, ResponseError):
+            return error.code == 421
+        return type(error) is ConnectError
 
     def _reply(self, wire: _Wire, verb: str) -> tuple[int, str]:
         code, reply = wire.getreply()
         if code == 421:
             self.usable = False  # the server is closing this connection
             raise TransientError(code, _text(reply), command=verb, phase="send")
+        self._answered += 1
         return code, _text(reply)
 
     def _reset(self, wire: _Wire) -> None:
@@ -531,17 +830,24 @@ class SMTPSession:
             yield state
         except DeadlineExceeded:
             self.discard()
-            seconds = self.config.effective_connect_timeout if phase == "connect" else self.config.effective_send_timeout
             if phase == "connect":
-                raise ConnectTimeout(f"the connect phase took longer than {seconds:g} s", phase=phase) from None
-            detail = " after the final '.': the server may have accepted the message" if state.after_dot else ""
+                seconds = self.config.effective_connect_timeout
+                raise ConnectTimeout(
+                    f"the connect phase took longer than {seconds:g} s", phase=phase
+                ) from None
+            seconds = self.config.effective_send_timeout
+            detail = _AFTER_DOT if state.after_dot else ""
             raise SendTimeout(
-                f"sending took longer than {seconds:g} s{detail}", phase=phase, ambiguous=state.after_dot
+                f"sending took longer than {seconds:g} s{detail}",
+                phase=phase,
+                ambiguous=state.after_dot,
             ) from None
         except _Disconnected as exc:
             self.discard()
-            detail = " after the final '.': the server may have accepted the message" if state.after_dot else ""
-            raise ConnectError(f"connection lost: {exc}{detail}", phase=phase, ambiguous=state.after_dot) from None
+            detail = _AFTER_DOT if state.after_dot else ""
+            raise ConnectError(
+                f"connection lost: {exc}{detail}", phase=phase, ambiguous=state.after_dot
+            ) from None
         except ResponseError as exc:
             if phase == "connect" or not self.usable or exc.code == 421:
                 self.discard()
@@ -551,22 +857,35 @@ class SMTPSession:
             raise
         except (smtplib.SMTPException, OSError) as exc:  # smtplib's own view of a broken link
             self.discard()
-            raise ConnectError(f"connection lost: {exc}", phase=phase, ambiguous=state.after_dot) from exc
+            raise ConnectError(
+                f"connection lost: {exc}", phase=phase, ambiguous=state.after_dot
+            ) from exc
 
     def _quit_quietly(self, wire: _Wire) -> None:
         with contextlib.suppress(_Disconnected, DeadlineExceeded):
             wire.send(b"QUIT\r\n")
             wire.getreply()
 
-    def close(self) -> None:
-        """Say QUIT (briefly) when the connection is sound, then close it."""
+    def close(self, quit_timeout: float | None = None) -> None:
+        """Say QUIT (briefly) when the connection is sound, then close it.
+
+        QUIT is a courtesy: by default it gets what is left of the last phase (2 s
+        at most, none once it is over), so connect + send still bounds the call
+        that ends with it.  ``quit_timeout`` gives it that many seconds instead
+        (for a connection closed after idling in a pool).
+        """
         wire = self._wire
         if wire is not None and self.usable:
-            # QUIT is a courtesy: it gets what is left of the last phase (2 s at most, none
-            # once it is over), so connect + send still bounds the whole call.
-            wire.deadline = Deadline(min(2.0, wire.deadline.expires_at - time.monotonic()))
+            left = wire.deadline.expires_at - time.monotonic()
+            wire.deadline = Deadline(min(2.0, left if quit_timeout is None else quit_timeout))
             self._quit_quietly(wire)
         self.discard()
+
+    def quiet(self) -> bool:
+        """Whether the connection looks fit for another message after idling: usable,
+        and nothing arrived since the last reply (neither the end of the stream nor
+        an unasked ``421``)."""
+        return self._wire is not None and self.usable and self._wire.quiet()
 
     def discard(self) -> None:
         """Close the socket at once, with no QUIT; the session is unusable after this."""
@@ -581,6 +900,66 @@ class _State:
 
     def __init__(self) -> None:
         self.after_dot = False
+
+
+class _HookFailed(Exception):
+    """Internal: carries what the caller's code (``on_result``, the message
+    iterable) raised past the error mapping."""
+
+
+class _Job:
+    """One message of a pipelined batch: its place, its command group, its deadline."""
+
+    __slots__ = ("deadline", "group", "message", "position", "verbs")
+
+    def __init__(
+        self, position: int, message: PreparedMessage, group: bytes, verbs: list[str]
+    ) -> None:
+        self.position = position
+        self.message = message
+        self.group = group  # MAIL, RCPT…, DATA: written as one
+        self.verbs = verbs
+        self.deadline: Deadline | None = None  # set when the group is written
+
+
+def _commands(wire: _Wire, message: PreparedMessage) -> list[str]:
+    """MAIL FROM (with its parameters), one RCPT TO per recipient, DATA."""
+    options = []
+    if message.smtputf8:
+        options.append("SMTPUTF8")
+    if wire.has_extn("8bitmime") and not message.data.isascii():
+        options.append("BODY=8BITMIME")
+    if wire.has_extn("size"):
+        options.append(f"SIZE={len(message.data)}")
+    mail = f"MAIL FROM:<{message.sender}>" + "".join(" " + o for o in options)
+    return [mail, *(f"RCPT TO:<{r}>" for r in message.recipients), "DATA"]
+
+
+def _verdict(
+    message: PreparedMessage, replies: list[tuple[int, str]]
+) -> tuple[
+    tuple[str, ...], dict[str, tuple[int, str]], tuple[int, str] | None, ResponseError | None
+]:
+    """What the replies to MAIL, RCPT… and DATA (as far as they went) say.
+
+    Returns the accepted recipients, the refused ones, DATA's reply (``None``
+    when DATA was not sent) and the transaction's refusal, if any: MAIL refused,
+    every recipient refused, or DATA not answered 354.
+    """
+    count = len(message.recipients)
+    mail_reply, rcpt_replies = replies[0], replies[1 : 1 + count]
+    data_reply = replies[count + 1] if len(replies) == count + 2 else None
+    pairs = list(zip(message.recipients, rcpt_replies, strict=False))
+    accepted = tuple(r for r, (c, _) in pairs if 200 <= c < 300)
+    refused = {r: (c, t) for r, (c, t) in pairs if not 200 <= c < 300}
+    failure: ResponseError | None = None
+    if mail_reply[0] != 250:
+        failure = response_error(*mail_reply, command="MAIL", phase="send")
+    elif not accepted:
+        failure = RecipientsRefused(refused)
+    elif data_reply is not None and data_reply[0] != 354:
+        failure = response_error(*data_reply, command="DATA", phase="send")
+    return accepted, refused, data_reply, failure
 
 
 def _verbs(commands: list[str]) -> list[str]:
