@@ -26,6 +26,18 @@ def application() -> None:
         retry_interval=timedelta(minutes=5),
     )
     port: int = config.effective_port
+    pooled = MailConfig(
+        sender="noreply@example.com",
+        max_connections=4,
+        max_messages_per_connection=100,
+        max_messages_per_second=2.5,
+    )
+    limits: tuple[int, int | None, float | None] = (
+        pooled.max_connections,
+        pooled.max_messages_per_connection,
+        pooled.max_messages_per_second,
+    )
+    print(limits)
     with Notifier(config, SQLiteOutbox("outbox.db")) as notifier:
         result: SendResult = notifier.send(
             Notification(to="ops@example.com", subject="s", text="t")

@@ -11,8 +11,9 @@ Needs hypothesis (in the ``smtpnotify[testing]`` extra)::
         ...
 
 * :func:`mail_configs`: valid :class:`~smtpnotify.MailConfig` objects across
-  ``tls``, ``trust`` (pinned: with valid fingerprints), AUTH, deadlines and
-  retry settings; any field can be fixed, or given a strategy of its own.
+  ``tls``, ``trust`` (pinned: with valid fingerprints), AUTH, deadlines,
+  retry and connection-pool settings; any field can be fixed, or given a
+  strategy of its own.
 * :func:`addresses`: mailbox strings (``a@example.com``,
   ``"Doe, Jane" <jane@bücher.example>``) that :class:`~smtpnotify.Notification`
   and ``MailConfig.sender`` accept.
@@ -356,6 +357,11 @@ _NAME_TEXT = st.text(
     st.characters(exclude_categories=["Cs", "Cc", "Zl", "Zp"]), min_size=1, max_size=30
 )
 _PASSWORD = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1)
+_MAX_CONNECTIONS = st.just(1) | st.integers(min_value=1, max_value=32)
+_MAX_MESSAGES_PER_CONNECTION = st.none() | st.integers(min_value=1, max_value=1000)
+_MAX_MESSAGES_PER_SECOND = st.none() | st.floats(
+    min_value=0.01, max_value=1000, allow_nan=False, allow_infinity=False
+)
 
 
 @st.composite
@@ -404,6 +410,9 @@ def _configs(draw: st.DrawFn, overrides: Mapping[str, Any]) -> MailConfig:
             st.none() | st.timedeltas(min_value=retry, max_value=retry + timedelta(days=2)),
         )
     fill("expiration", _EXPIRATIONS)
+    fill("max_connections", _MAX_CONNECTIONS)
+    fill("max_messages_per_connection", _MAX_MESSAGES_PER_CONNECTION)
+    fill("max_messages_per_second", _MAX_MESSAGES_PER_SECOND)
     return MailConfig.model_validate(values)
 
 
@@ -415,7 +424,13 @@ def mail_configs(**overrides: Any) -> st.SearchStrategy[MailConfig]:
     pinned (pinned configs get 1-3 valid SHA-256 fingerprints, in any accepted
     spelling), ``check_hostname``, username and password (or none),
     deadlines, ``retry_interval``, ``retry_backoff``, ``max_retry_interval``,
-    ``expiration`` and ``local_hostname``.
+    ``expiration``, ``local_hostname``, and the connection pool's
+    ``max_connections`` (1-32), ``max_messages_per_connection`` and
+    ``max_messages_per_second`` (each ``None`` or a limit).
+
+    The pool settings change how many connections a
+    :class:`~smtpnotify.Notifier` opens and how fast it sends; fix them
+    (``max_connections=1``) when a test counts connections.
 
     Fix a field with a value, or vary it your way with a strategy; the other
     fields adapt so that the result is valid (``trust="pinned"`` gives a TLS
