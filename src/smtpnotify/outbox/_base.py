@@ -31,12 +31,13 @@ checks them):
 
 from __future__ import annotations
 
+import abc
 import enum
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from .._prepared import PreparedMessage
 
@@ -339,6 +340,12 @@ def check_lease(lease: timedelta) -> None:
         raise ValueError(f"lease must be positive, got {lease!r}")
 
 
+def check_remaining(remaining: tuple[str, ...] | None) -> None:
+    """``ValueError`` when ``remaining`` is given but names no recipient."""
+    if remaining is not None and not remaining:
+        raise ValueError("remaining must name at least one recipient")
+
+
 def check_purge_statuses(statuses: tuple[OutboxStatus, ...]) -> tuple[OutboxStatus, ...]:
     """``statuses`` as :class:`OutboxStatus` values; ``ValueError`` for an unfinished one."""
     out = tuple(OutboxStatus(s) for s in statuses)
@@ -346,3 +353,102 @@ def check_purge_statuses(statuses: tuple[OutboxStatus, ...]) -> tuple[OutboxStat
         if status not in FINISHED_STATUSES:
             raise ValueError(f"purge deletes finished entries only, not {status.value!r} ones")
     return out
+
+
+class BaseOutbox(abc.ABC):
+    """What this package's outboxes share: the thin protocol wrappers, written once.
+
+    Not part of the protocol (an outbox need not inherit anything).  It checks
+    the arguments of :meth:`claim` and turns :meth:`record_sent` and
+    :meth:`record_failed` into one :meth:`_finish`; a subclass implements
+    :meth:`_claim`, :meth:`_finish` and :meth:`close`, and the rest of
+    :class:`Outbox` itself.
+    """
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections and files.  Closing twice is harmless."""
+
+    def claim(
+        self, *, now: datetime, owner: str, lease: timedelta, limit: int = 1
+    ) -> list[OutboxEntry]:
+        """Take up to ``limit`` due messages for ``owner`` and return them as ``sending``.
+
+        See :meth:`Outbox.claim`; ``limit < 1`` or a ``lease`` that is not
+        positive raises ``ValueError``.
+        """
+        now = as_utc(now, "now")
+        check_limit(limit)
+        check_lease(lease)
+        return self._claim(now=now, owner=owner, lease=lease, limit=limit)
+
+    @abc.abstractmethod
+    def _claim(
+        self, *, now: datetime, owner: str, lease: timedelta, limit: int
+    ) -> list[OutboxEntry]:
+        """:meth:`claim` with checked arguments (``now`` in UTC)."""
+
+    def record_sent(
+        self,
+        entry_id: str,
+        *,
+        owner: str,
+        now: datetime,
+        accepted: tuple[str, ...],
+        refused: dict[str, tuple[int, str]],
+    ) -> bool:
+        """Mark ``sent`` if ``owner`` holds the entry; merge ``accepted`` and ``refused``.
+
+        ``last_error`` is kept (it tells what earlier attempts ran into).
+        """
+        now = as_utc(now, "now")
+        return self._finish(
+            entry_id, owner, now, OutboxStatus.SENT, accepted=accepted, refused=refused
+        )
+
+    def record_failed(
+        self,
+        entry_id: str,
+        *,
+        owner: str,
+        now: datetime,
+        error: str,
+        accepted: tuple[str, ...] = (),
+        refused: dict[str, tuple[int, str]] | None = None,
+    ) -> bool:
+        """Mark ``failed`` (permanent), with ``last_error = error``, if ``owner`` holds it."""
+        return self._finish(
+            entry_id,
+            owner,
+            as_utc(now, "now"),
+            OutboxStatus.FAILED,
+            accepted=accepted,
+            refused=refused,
+            error=error,
+            set_error=True,
+        )
+
+    @abc.abstractmethod
+    def _finish(
+        self,
+        entry_id: str,
+        owner: str,
+        now: datetime,
+        status: OutboxStatus,
+        *,
+        accepted: tuple[str, ...],
+        refused: dict[str, tuple[int, str]] | None,
+        error: str | None = None,
+        set_error: bool = False,
+    ) -> bool:
+        """Finish a held entry as ``status`` (``now`` in UTC); ``False`` if ``owner`` lacks it.
+
+        ``accepted`` and ``refused`` join the entry's; ``last_error`` becomes
+        ``error`` when ``set_error``, and is kept otherwise.
+        """

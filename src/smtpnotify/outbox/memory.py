@@ -12,14 +12,15 @@ from typing import Any
 from .._prepared import PreparedMessage
 from ._base import (
     FINISHED_STATUSES,
+    BaseOutbox,
     OutboxEntry,
     OutboxError,
     OutboxStatus,
     as_utc,
     call_subscribers,
-    check_lease,
     check_limit,
     check_purge_statuses,
+    check_remaining,
     join_accepted,
     join_refused,
 )
@@ -38,7 +39,7 @@ def _snapshot(entry: OutboxEntry) -> OutboxEntry:
     return replace(entry, refused=dict(entry.refused))
 
 
-class MemoryOutbox:
+class MemoryOutbox(BaseOutbox):
     """An :class:`~smtpnotify.outbox.Outbox` in a dictionary, guarded by a lock.
 
     Everything is lost when the process ends: use it for tests, scripts and
@@ -75,12 +76,6 @@ class MemoryOutbox:
     def __repr__(self) -> str:
         return f"<MemoryOutbox entries={len(self._slots)}{' closed' if self._closed else ''}>"
 
-    def __enter__(self) -> MemoryOutbox:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     # -- helpers (call with the lock held) -------------------------------------------------
 
     def _check_open(self) -> None:
@@ -95,6 +90,18 @@ class MemoryOutbox:
         if entry.status is not OutboxStatus.SENDING or entry.lease_owner != owner:
             return None
         return slot
+
+    def _update_held(
+        self, entry_id: str, owner: str, change: Callable[[OutboxEntry], OutboxEntry]
+    ) -> bool:
+        """Store ``change(entry)`` if ``owner`` holds the entry; ``False`` (nothing done) if not."""
+        with self._lock:
+            self._check_open()
+            slot = self._held(entry_id, owner)
+            if slot is None:
+                return False
+            self._set(slot, change(slot.entry))
+            return True
 
     def _set(self, slot: _Slot, entry: OutboxEntry) -> None:
         """Store ``entry`` in ``slot`` and keep the indexes in step (lock held)."""
@@ -151,13 +158,9 @@ class MemoryOutbox:
         call_subscribers(subscribers)
         return entry_id
 
-    def claim(
-        self, *, now: datetime, owner: str, lease: timedelta, limit: int = 1
+    def _claim(
+        self, *, now: datetime, owner: str, lease: timedelta, limit: int
     ) -> list[OutboxEntry]:
-        """Take up to ``limit`` due messages for ``owner`` (see the protocol)."""
-        now = as_utc(now, "now")
-        check_limit(limit)
-        check_lease(lease)
         with self._lock:
             self._check_open()
             due: list[_Slot] = []
@@ -192,42 +195,6 @@ class MemoryOutbox:
                 claimed.append(_snapshot(slot.entry))
             return claimed
 
-    def record_sent(
-        self,
-        entry_id: str,
-        *,
-        owner: str,
-        now: datetime,
-        accepted: tuple[str, ...],
-        refused: dict[str, tuple[int, str]],
-    ) -> bool:
-        """Mark ``sent`` if ``owner`` holds the entry."""
-        return self._finish(
-            entry_id, owner, now, OutboxStatus.SENT, accepted=accepted, refused=refused
-        )
-
-    def record_failed(
-        self,
-        entry_id: str,
-        *,
-        owner: str,
-        now: datetime,
-        error: str,
-        accepted: tuple[str, ...] = (),
-        refused: dict[str, tuple[int, str]] | None = None,
-    ) -> bool:
-        """Mark ``failed`` if ``owner`` holds the entry."""
-        return self._finish(
-            entry_id,
-            owner,
-            now,
-            OutboxStatus.FAILED,
-            accepted=accepted,
-            refused=refused,
-            error=error,
-            set_error=True,
-        )
-
     def _finish(
         self,
         entry_id: str,
@@ -240,28 +207,21 @@ class MemoryOutbox:
         error: str | None = None,
         set_error: bool = False,
     ) -> bool:
-        now = as_utc(now, "now")
-        with self._lock:
-            self._check_open()
-            slot = self._held(entry_id, owner)
-            if slot is None:
-                return False
-            e = slot.entry
-            self._set(
-                slot,
-                replace(
-                    e,
-                    status=status,
-                    accepted=join_accepted(e.accepted, accepted),
-                    refused=join_refused(e.refused, refused),
-                    last_error=error if set_error else e.last_error,
-                    next_attempt_at=None,
-                    lease_owner=None,
-                    lease_until=None,
-                    updated_at=now,
-                ),
-            )
-            return True
+        return self._update_held(
+            entry_id,
+            owner,
+            lambda e: replace(
+                e,
+                status=status,
+                accepted=join_accepted(e.accepted, accepted),
+                refused=join_refused(e.refused, refused),
+                last_error=error if set_error else e.last_error,
+                next_attempt_at=None,
+                lease_owner=None,
+                lease_until=None,
+                updated_at=now,
+            ),
+        )
 
     def record_retry(
         self,
@@ -277,34 +237,27 @@ class MemoryOutbox:
     ) -> bool:
         """Back to ``pending`` until ``next_attempt_at`` if ``owner`` holds the entry."""
         now = as_utc(now, "now")
-        next_attempt_at = as_utc(next_attempt_at, "next_attempt_at")
-        if remaining is not None and not remaining:
-            raise ValueError("remaining must name at least one recipient")
-        with self._lock:
-            self._check_open()
-            slot = self._held(entry_id, owner)
-            if slot is None:
-                return False
-            e = slot.entry
+        due = as_utc(next_attempt_at, "next_attempt_at")
+        check_remaining(remaining)
+
+        def change(e: OutboxEntry) -> OutboxEntry:
             message = e.message
             if remaining is not None:
                 message = replace(message, recipients=tuple(remaining))
-            self._set(
-                slot,
-                replace(
-                    e,
-                    status=OutboxStatus.PENDING,
-                    message=message,
-                    accepted=join_accepted(e.accepted, accepted),
-                    refused=join_refused(e.refused, refused),
-                    last_error=error,
-                    next_attempt_at=next_attempt_at,
-                    lease_owner=None,
-                    lease_until=None,
-                    updated_at=now,
-                ),
+            return replace(
+                e,
+                status=OutboxStatus.PENDING,
+                message=message,
+                accepted=join_accepted(e.accepted, accepted),
+                refused=join_refused(e.refused, refused),
+                last_error=error,
+                next_attempt_at=due,
+                lease_owner=None,
+                lease_until=None,
+                updated_at=now,
             )
-            return True
+
+        return self._update_held(entry_id, owner, change)
 
     def record_expired(
         self, entry_id: str, *, owner: str | None, now: datetime, error: str | None = None
@@ -345,25 +298,19 @@ class MemoryOutbox:
     def release(self, entry_id: str, *, owner: str, now: datetime) -> bool:
         """Give a claimed entry back untried if ``owner`` holds it."""
         now = as_utc(now, "now")
-        with self._lock:
-            self._check_open()
-            slot = self._held(entry_id, owner)
-            if slot is None:
-                return False
-            e = slot.entry
-            self._set(
-                slot,
-                replace(
-                    e,
-                    status=OutboxStatus.PENDING,
-                    next_attempt_at=now,
-                    attempts=max(e.attempts - 1, 0),
-                    lease_owner=None,
-                    lease_until=None,
-                    updated_at=now,
-                ),
-            )
-            return True
+        return self._update_held(
+            entry_id,
+            owner,
+            lambda e: replace(
+                e,
+                status=OutboxStatus.PENDING,
+                next_attempt_at=now,
+                attempts=max(e.attempts - 1, 0),
+                lease_owner=None,
+                lease_until=None,
+                updated_at=now,
+            ),
+        )
 
     def expire_due(self, *, now: datetime) -> list[OutboxEntry]:
         """Expire every entry that can no longer be attempted; return them."""

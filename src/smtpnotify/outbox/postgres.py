@@ -66,15 +66,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .._prepared import PreparedMessage
 from ._base import (
     FINISHED_STATUSES,
+    BaseOutbox,
     OutboxEntry,
     OutboxError,
     OutboxSchemaError,
     OutboxStatus,
     as_utc,
     call_subscribers,
-    check_lease,
     check_limit,
     check_purge_statuses,
+    check_remaining,
 )
 
 __all__ = ["PostgresOutbox"]
@@ -227,7 +228,7 @@ def _redacted_conninfo_error(exc: Exception) -> ValueError:
     )
 
 
-class PostgresOutbox:
+class PostgresOutbox(BaseOutbox):
     """A durable outbox in a PostgreSQL table, shared by any number of workers.
 
     ::
@@ -264,6 +265,12 @@ class PostgresOutbox:
     Database errors are raised as :class:`~smtpnotify.outbox.OutboxError` (the
     psycopg error is its ``__cause__``); a table that is missing, foreign or
     newer raises :class:`~smtpnotify.outbox.OutboxSchemaError`.
+
+    A claim is one ``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED)``:
+    rows another worker is claiming are skipped, never waited for.  A retry
+    after a connection lost during the commit may leave the first try's entries
+    leased to ``owner`` but not returned; they are claimed again when the lease
+    runs out (one attempt counted for nothing, never a double send).
     """
 
     SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
@@ -335,12 +342,6 @@ class PostgresOutbox:
         where = f"{self._schema}.{self._table}" if self._schema else self._table
         owner = "own pool" if self._owns_pool else "caller's pool"
         return f"<PostgresOutbox table={where!r} ({owner}){' closed' if self._closed else ''}>"
-
-    def __enter__(self) -> PostgresOutbox:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ schema
 
@@ -584,37 +585,32 @@ class PostgresOutbox:
         self._wake()
         return entry_id
 
-    def claim(
-        self, *, now: datetime, owner: str, lease: timedelta, limit: int = 1
+    def _claim(
+        self, *, now: datetime, owner: str, lease: timedelta, limit: int
     ) -> list[OutboxEntry]:
-        """Take up to ``limit`` due entries for ``owner`` under a lease of ``lease``.
-
-        One ``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED)``: rows
-        another worker is claiming are skipped, never waited for.  A retry after
-        a connection lost during the commit may leave the first try's entries
-        leased to ``owner`` but not returned; they are claimed again when the
-        lease runs out (one attempt counted for nothing, never a double send).
-        """
-        now = as_utc(now, "now")
-        check_limit(limit)
-        check_lease(lease)
+        # See the class docstring: SKIP LOCKED, and what a retried claim may leave leased.
         params = {"now": now, "owner": owner, "until": now + lease, "limit": limit}
         rows = self._query(lambda conn, _r: self._rows(conn, self._sql.claim, params), "claim")
         rows.sort(key=lambda r: (r["next_attempt_at"], r["created_at"], r["seq"]))
         return [_entry(r) for r in rows]
 
-    def record_sent(
+    def _finish(
         self,
         entry_id: str,
-        *,
         owner: str,
         now: datetime,
+        status: OutboxStatus,
+        *,
         accepted: tuple[str, ...],
-        refused: dict[str, tuple[int, str]],
+        refused: dict[str, tuple[int, str]] | None,
+        error: str | None = None,
+        set_error: bool = False,
     ) -> bool:
-        """Mark ``sent`` if ``owner`` holds the lease; merge ``accepted`` and ``refused``."""
         params = self._result_params(entry_id, owner, now, accepted, refused)
-        return self._transition(self._sql.record_sent, params, OutboxStatus.SENT, "record_sent")
+        if status is OutboxStatus.SENT:
+            return self._transition(self._sql.record_sent, params, status, "record_sent")
+        params["error"] = error
+        return self._transition(self._sql.record_failed, params, status, "record_failed")
 
     def record_retry(
         self,
@@ -629,8 +625,7 @@ class PostgresOutbox:
         remaining: tuple[str, ...] | None = None,
     ) -> bool:
         """Back to ``pending`` until ``next_attempt_at``, if ``owner`` holds the lease."""
-        if remaining is not None and not remaining:
-            raise ValueError("remaining must name at least one recipient")
+        check_remaining(remaining)
         params = self._result_params(entry_id, owner, now, accepted, refused)
         params |= {
             "next": as_utc(next_attempt_at, "next_attempt_at"),
@@ -639,22 +634,6 @@ class PostgresOutbox:
         }
         return self._transition(
             self._sql.record_retry, params, OutboxStatus.PENDING, "record_retry"
-        )
-
-    def record_failed(
-        self,
-        entry_id: str,
-        *,
-        owner: str,
-        now: datetime,
-        error: str,
-        accepted: tuple[str, ...] = (),
-        refused: dict[str, tuple[int, str]] | None = None,
-    ) -> bool:
-        """Mark ``failed`` (permanent) if ``owner`` holds the lease."""
-        params = self._result_params(entry_id, owner, now, accepted, refused) | {"error": error}
-        return self._transition(
-            self._sql.record_failed, params, OutboxStatus.FAILED, "record_failed"
         )
 
     def record_expired(

@@ -37,6 +37,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -46,15 +47,16 @@ from typing import Any, Literal
 from .._prepared import PreparedMessage
 from ._base import (
     FINISHED_STATUSES,
+    BaseOutbox,
     OutboxEntry,
     OutboxError,
     OutboxSchemaError,
     OutboxStatus,
     as_utc,
     call_subscribers,
-    check_lease,
     check_limit,
     check_purge_statuses,
+    check_remaining,
     join_accepted,
     join_refused,
 )
@@ -265,7 +267,7 @@ def _fsync_directory(path: Path) -> None:
             os.close(fd)
 
 
-class SQLiteOutbox:
+class SQLiteOutbox(BaseOutbox):
     """A durable :class:`~smtpnotify.outbox.Outbox` in one SQLite file.
 
     ``SQLiteOutbox(path)`` opens the outbox at ``path``, creating the file
@@ -291,6 +293,9 @@ class SQLiteOutbox:
 
     Open the outbox after forking, in the process that uses it; an instance
     used in a forked child raises :class:`~smtpnotify.outbox.OutboxError`.
+
+    A claim selects and updates in one ``BEGIN IMMEDIATE`` transaction, so it is
+    atomic across threads and processes.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
@@ -320,7 +325,7 @@ class SQLiteOutbox:
         try:
             conn.row_factory = sqlite3.Row
             _schema_state(conn, where)  # only reads: refuse a foreign file before any write
-            mode = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+            mode = _enable_wal(conn, self._timeout)
             if mode.lower() != "wal":
                 raise OutboxError(
                     f"outbox {where}: SQLite cannot use WAL mode here (journal_mode={mode})"
@@ -354,12 +359,6 @@ class SQLiteOutbox:
 
     def __repr__(self) -> str:
         return f"<SQLiteOutbox {str(self._path)!r}{' closed' if self._conn is None else ''}>"
-
-    def __enter__(self) -> SQLiteOutbox:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     @property
     def path(self) -> Path:
@@ -459,17 +458,11 @@ class SQLiteOutbox:
         call_subscribers(subscribers)
         return entry_id
 
-    def claim(
-        self, *, now: datetime, owner: str, lease: timedelta, limit: int = 1
+    def _claim(
+        self, *, now: datetime, owner: str, lease: timedelta, limit: int
     ) -> list[OutboxEntry]:
-        """Take up to ``limit`` due messages for ``owner`` (see the protocol).
-
-        The selection and the update are one ``BEGIN IMMEDIATE`` transaction, so
-        the claim is atomic across threads and processes.
-        """
-        now = as_utc(now, "now")
-        check_limit(limit)
-        check_lease(lease)
+        # The selection and the update are one BEGIN IMMEDIATE transaction, so
+        # the claim is atomic across threads and processes.
         at, until = _us(now), _us(now + lease)
         select = f"""
             SELECT * FROM (
@@ -514,7 +507,7 @@ class SQLiteOutbox:
         error: str | None = None,
         set_error: bool = False,
     ) -> bool:
-        at = _us(as_utc(now, "now"))
+        at = _us(now)
         with self._write() as conn:
             row = self._row(conn, entry_id)
             if row is None or not self._held(row, owner):
@@ -535,42 +528,6 @@ class SQLiteOutbox:
             )
             return True
 
-    def record_sent(
-        self,
-        entry_id: str,
-        *,
-        owner: str,
-        now: datetime,
-        accepted: tuple[str, ...],
-        refused: dict[str, tuple[int, str]],
-    ) -> bool:
-        """Mark ``sent`` if ``owner`` holds the entry."""
-        return self._finish(
-            entry_id, owner, now, OutboxStatus.SENT, accepted=accepted, refused=refused
-        )
-
-    def record_failed(
-        self,
-        entry_id: str,
-        *,
-        owner: str,
-        now: datetime,
-        error: str,
-        accepted: tuple[str, ...] = (),
-        refused: dict[str, tuple[int, str]] | None = None,
-    ) -> bool:
-        """Mark ``failed`` if ``owner`` holds the entry."""
-        return self._finish(
-            entry_id,
-            owner,
-            now,
-            OutboxStatus.FAILED,
-            accepted=accepted,
-            refused=refused,
-            error=error,
-            set_error=True,
-        )
-
     def record_retry(
         self,
         entry_id: str,
@@ -586,8 +543,7 @@ class SQLiteOutbox:
         """Back to ``pending`` until ``next_attempt_at`` if ``owner`` holds the entry."""
         at = _us(as_utc(now, "now"))
         due = _us(as_utc(next_attempt_at, "next_attempt_at"))
-        if remaining is not None and not remaining:
-            raise ValueError("remaining must name at least one recipient")
+        check_remaining(remaining)
         with self._write() as conn:
             row = self._row(conn, entry_id)
             if row is None or not self._held(row, owner):
@@ -775,3 +731,22 @@ class SQLiteOutbox:
             self._subscribers.clear()
         if conn is not None:
             conn.close()
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout: float) -> str:
+    """Switch to WAL, waiting while another process holds the lock.
+
+    SQLite reports "database is locked" for a journal-mode change at once, without
+    calling the busy handler, when another connection is creating or switching the
+    same new file; so wait here, up to the outbox's lock timeout.
+    """
+    give_up = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > give_up:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
