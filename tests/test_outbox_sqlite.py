@@ -617,3 +617,25 @@ TestSameAsMemory.settings = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_new_messages_are_flushed_to_disk_and_outcomes_only_when_asked(tmp_path: Path) -> None:
+    """add() always commits with synchronous=FULL; delivery changes with NORMAL unless
+    fsync_outcomes=True (read back from the connection after each kind of write)."""
+    from smtpnotify.testing.conformance import LEASE, T0, make_message
+
+    def sync_level(outbox: SQLiteOutbox) -> int:
+        with outbox._read() as conn:
+            return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    full, normal = 2, 1
+    for fsync_outcomes, after_claim in ((False, normal), (True, full)):
+        with SQLiteOutbox(
+            tmp_path / f"o{fsync_outcomes}.db", fsync_outcomes=fsync_outcomes
+        ) as outbox:
+            outbox.add(make_message(), now=T0, expires_at=T0 + timedelta(days=1))
+            assert sync_level(outbox) == full
+            assert outbox.claim(now=T0, owner="w", lease=LEASE)
+            assert sync_level(outbox) == after_claim
+            outbox.add(make_message(), now=T0, expires_at=T0 + timedelta(days=1))
+            assert sync_level(outbox) == full

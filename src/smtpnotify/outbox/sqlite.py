@@ -1,10 +1,14 @@
 """The embedded durable outbox: one SQLite file, shared by threads and processes.
 
-Durability: the file is in WAL mode with ``synchronous=FULL``, and every change
-is one ``BEGIN IMMEDIATE`` … ``COMMIT`` transaction, so what a method changed is
-on disk (the WAL fsynced) when it returns.  A process killed at any moment loses
-nothing it committed; a power loss neither, unless the disk acknowledges writes
-it has not made.
+Durability: the file is in WAL mode and every change is one ``BEGIN IMMEDIATE``
+… ``COMMIT`` transaction.  ``add()`` commits with ``synchronous=FULL``: the new
+message is on disk (the WAL fsynced) when it returns, so neither a killed process
+nor a power loss loses it, unless the disk acknowledges writes it has not made.
+The state changes of delivery (claims, outcomes) commit with
+``synchronous=NORMAL`` by default: a killed process loses none of them, but a power
+loss or OS crash may roll back the last few, and those messages are then delivered
+again (at-least-once; nothing is lost).  ``fsync_outcomes=True`` makes them as
+durable as ``add()``, at the price of one disk flush per delivered message.
 
 Concurrency: one connection per :class:`SQLiteOutbox`, used under a lock by
 the threads of a process; processes sharing the file serialise their writes on
@@ -279,6 +283,8 @@ class SQLiteOutbox(BaseOutbox):
         timeout: seconds a write waits for another process's transaction to
             finish before :class:`~smtpnotify.outbox.OutboxError` (SQLite's
             busy timeout).
+        fsync_outcomes: flush every delivery state change to disk as well, not
+            only new messages (see the module's note on durability).
 
     Raises:
         OutboxSchemaError: the file is not an SQLite database, is another
@@ -298,9 +304,13 @@ class SQLiteOutbox(BaseOutbox):
     atomic across threads and processes.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout: float = 10.0, fsync_outcomes: bool = False
+    ) -> None:
         self._path = Path(path)
         self._timeout = float(timeout)
+        self._outcome_sync = "FULL" if fsync_outcomes else "NORMAL"
+        self._sync = "FULL"  # what _open leaves the connection at
         self._lock = threading.Lock()
         self._subscribers: list[Callable[[], None]] = []
         self._pid = os.getpid()
@@ -379,11 +389,18 @@ class SQLiteOutbox(BaseOutbox):
         return self._conn
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` … ``COMMIT`` transaction, under the lock."""
+    def _write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` … ``COMMIT`` transaction, under the lock.
+
+        ``durable`` commits with ``synchronous=FULL`` whatever ``fsync_outcomes`` says.
+        """
         with self._lock:
             conn = self._connection()
             try:
+                sync = "FULL" if durable else self._outcome_sync
+                if sync != self._sync:
+                    conn.execute(f"PRAGMA synchronous={sync}")
+                    self._sync = sync
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -436,7 +453,7 @@ class SQLiteOutbox(BaseOutbox):
         at = _us(as_utc(now, "now"))
         until = _us(as_utc(expires_at, "expires_at"))
         entry_id = uuid.uuid4().hex
-        with self._write() as conn:
+        with self._write(durable=True) as conn:
             conn.execute(
                 "INSERT INTO entries (id, status, sender, recipients, message_id, data, smtputf8,"
                 " created_at, updated_at, expires_at, next_attempt_at, attempts)"
@@ -686,7 +703,7 @@ class SQLiteOutbox(BaseOutbox):
         """Put a ``failed`` or ``expired`` entry back to ``pending``, due now."""
         at = _us(as_utc(now, "now"))
         new_expiry = None if expires_at is None else _us(as_utc(expires_at, "expires_at"))
-        with self._write() as conn:
+        with self._write(durable=True) as conn:  # an operator re-queues it: as add()
             row = self._row(conn, entry_id)
             if row is None or row["status"] not in ("failed", "expired"):
                 return False
@@ -708,7 +725,7 @@ class SQLiteOutbox(BaseOutbox):
         if not wanted:
             return 0
         marks = ", ".join("?" * len(wanted))
-        with self._write() as conn:
+        with self._write(durable=True) as conn:  # an operator re-queues it: as add()
             cursor = conn.execute(
                 f"DELETE FROM entries WHERE status IN ({marks}) AND updated_at < ?",  # noqa: S608
                 (*(s.value for s in wanted), at),
