@@ -167,8 +167,20 @@ def _entry(row: sqlite3.Row, **changes: Any) -> OutboxEntry:
 def _schema_state(conn: sqlite3.Connection, where: str) -> Literal["empty", "ours"]:
     """``"empty"`` (no tables, no marker), ``"ours"``, or :class:`OutboxSchemaError`.
 
-    Only reads.
+    Only reads, all from one snapshot: another process may be creating the schema
+    at this very moment, and reads from both sides of its commit would see tables
+    without the marker.
     """
+    if conn.in_transaction:
+        return _schema_state_now(conn, where)
+    conn.execute("BEGIN")
+    try:
+        return _schema_state_now(conn, where)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _schema_state_now(conn: sqlite3.Connection, where: str) -> Literal["empty", "ours"]:
     application_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
     names = {
         str(row[0])
