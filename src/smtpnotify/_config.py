@@ -8,19 +8,11 @@ naming the field and the rule, and never echoing the password.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
-import re
 import ssl
-import tomllib
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
-from email import policy
-from email.errors import NonASCIILocalPartDefect
-from email.headerregistry import Address
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -35,209 +27,24 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
-from pydantic_core.core_schema import ErrorType
+
+from ._config_errors import _MASK, _combination_error, _redacted
+from ._config_parsing import (
+    _duration,
+    _has_line_or_control,
+    _has_space_or_control,
+    _ip,
+    _normalise_fingerprint,
+    _not_bool,
+    _parse_sender,
+    _split_certificates,
+)
+from ._config_parsing import _is_loopback as _is_loopback  # re-exported: testing.strategies
+from ._config_sources import _env_settings, _file_settings
 
 __all__ = ["MailConfig"]
 
-_MASK = "**********"
-# Fields whose raw input must never appear in a ValidationError: the password,
-# and pinned_certificates (someone may paste a private key there by mistake).
-_SECRET_FIELDS = ("password", "pinned_certificates")
-# Errors whose input may be anything, a secret included: a whole JSON document,
-# or the value of an unknown field (a misspelt "passwd").
-_OPAQUE_ERRORS = frozenset({"json_invalid", "extra_forbidden"})
 _DEFAULT_PORTS = {"none": 25, "starttls": 587, "ssl": 465}
-_TUPLE_FIELDS = frozenset({"pinned_certificates", "pinned_fingerprints"})
-_BUILTIN_ERRORS = frozenset(get_args(ErrorType))
-
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
-_FINGERPRINT = re.compile(r"[0-9a-fA-F]{64}|[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){31}")
-_SHA1 = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){19}")
-_PEM_BLOCK = re.compile(r"-----BEGIN ([^\r\n-]+)-----(.*?)-----END ([^\r\n-]+)-----", re.DOTALL)
-_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_HEADER_FACTORY = policy.SMTPUTF8.header_factory
-_SENDER_RULE = (
-    "sender must be one email address, optionally with a display name, "
-    'like "noreply@example.com" or "Change Desk <noreply@example.com>"'
-)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _has_space_or_control(text: str) -> bool:
-    """True when ``text`` holds whitespace, a control, format or unassigned character."""
-    return any(c.isspace() or unicodedata.category(c)[0] in "CZ" for c in text)
-
-
-def _has_line_or_control(text: str) -> bool:
-    """True when ``text`` holds CR, LF, any other C0/C1 control or a line/paragraph separator."""
-    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    ip = _ip(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip is not None and ip.is_loopback
-
-
-def _check_domain(domain: str) -> None:
-    """Reject a mail domain that is neither a DNS name (IDNA allowed) nor an address literal."""
-    if domain.startswith("[") and domain.endswith("]"):
-        literal = domain[1:-1]
-        try:
-            if literal[:5].lower() == "ipv6:":
-                ipaddress.IPv6Address(literal[5:])
-            else:
-                ipaddress.IPv4Address(literal)
-        except ValueError:
-            raise ValueError(f"{_SENDER_RULE}; the domain literal is not an IP address") from None
-        return
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValueError(f"{_SENDER_RULE}; the domain is not a valid host name") from None
-    labels = ascii_domain.split(".")
-    if len(ascii_domain) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
-        raise ValueError(f"{_SENDER_RULE}; the domain is not a valid host name")
-
-
-def _parse_sender(value: str) -> Address:
-    """Parse ``value`` into exactly one `Address`, or raise `ValueError`."""
-    if _has_line_or_control(value):
-        raise ValueError("sender must not contain CR, LF or other control characters")
-    try:
-        header = _HEADER_FACTORY("from", value)
-        groups = header.groups
-    except Exception:  # the email parser raises assorted errors on malformed input
-        raise ValueError(_SENDER_RULE) from None
-    # Any defect means the parser had to guess (e.g. "a@b.org(<c@d.com>" is an
-    # unclosed comment): refuse rather than send From an address nobody wrote.
-    # A non-ASCII local part is fine; the session uses SMTPUTF8 for it.
-    defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
-    if defects or len(groups) != 1 or groups[0].display_name is not None:
-        raise ValueError(_SENDER_RULE)
-    addresses = groups[0].addresses
-    if len(addresses) != 1:
-        raise ValueError(_SENDER_RULE)
-    address: Address = addresses[0]
-    parts = (address.display_name, address.username, address.domain)
-    if not address.username or not address.domain or any(map(_has_line_or_control, parts)):
-        raise ValueError(_SENDER_RULE)
-    _check_domain(address.domain)
-    return address
-
-
-def _split_certificates(text: str, ctx: ssl.SSLContext) -> list[str]:
-    """Split PEM text into certificates, each checked by OpenSSL and re-encoded canonically."""
-    blocks = list(_PEM_BLOCK.finditer(text))
-    if text.count("-----BEGIN ") != len(blocks) or any(m[1] != m[3] for m in blocks):
-        raise ValueError("pinned_certificates: a PEM block has no matching -----END line")
-    if not blocks:
-        raise ValueError(
-            "pinned_certificates: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)"
-        )
-    certificates = []
-    for block in blocks:
-        if "PRIVATE KEY" in block[1]:
-            raise ValueError(
-                "pinned_certificates holds a private key: pin the certificate only, "
-                "and keep private keys out of the config"
-            )
-        if block[1] != "CERTIFICATE":
-            raise ValueError(f"pinned_certificates: a {block[1]} block is not a CERTIFICATE")
-        pem = f"-----BEGIN CERTIFICATE-----\n{block[2].strip()}\n-----END CERTIFICATE-----\n"
-        try:
-            der = ssl.PEM_cert_to_DER_cert(pem)
-            ctx.load_verify_locations(cadata=der)  # OpenSSL parses it as X.509 or raises
-        except (ValueError, ssl.SSLError):
-            raise ValueError(
-                "pinned_certificates: a CERTIFICATE block is not a valid X.509 certificate"
-            ) from None
-        certificates.append(ssl.DER_cert_to_PEM_cert(der))
-    return certificates
-
-
-def _normalise_fingerprint(index: int, value: str) -> str:
-    text = value.strip()
-    if _FINGERPRINT.fullmatch(text):
-        return text.replace(":", "").lower()
-    hint = " (this one looks like SHA-1)" if _SHA1.fullmatch(text) else ""
-    raise ValueError(
-        f"pinned_fingerprints[{index}] is not a SHA-256 fingerprint: expected 64 hex digits, "
-        f"optionally as colon-separated pairs{hint}"
-    )
-
-
-def _not_bool(value: Any) -> Any:
-    # pydantic's lax mode reads True as 1; a flag in a number field is a mistake.
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not a boolean")
-    return value
-
-
-def _duration(value: Any) -> Any:
-    # pydantic reads ISO 8601 strings and numbers of seconds, but not "300" (a
-    # string of seconds), which is what environment variables hold.
-    value = _not_bool(value)
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
-    return value
-
-
-def _redacted(exc: ValidationError) -> ValidationError | None:
-    """``exc`` with every echo of a secret masked, or None when it echoes none.
-
-    ``hide_input_in_errors`` only hides inputs in ``str(exc)``; ``exc.errors()``
-    and ``exc.json()`` still carry them, and so does ``str()`` of an enclosing
-    model that does not set it.
-    """
-    details: list[InitErrorDetails] = []
-    changed = False
-    for error in exc.errors(include_url=False):
-        value = error["input"]
-        if error["type"] in _OPAQUE_ERRORS or error["loc"][:1] in [(f,) for f in _SECRET_FIELDS]:
-            value = _MASK
-        elif isinstance(value, Mapping) and any(value.get(f) for f in _SECRET_FIELDS):
-            value = {**value, **{f: _MASK for f in _SECRET_FIELDS if value.get(f)}}
-        changed = changed or value is not error["input"]
-        kind = error["type"]
-        detail = InitErrorDetails(
-            type=kind if kind in _BUILTIN_ERRORS else PydanticCustomError(kind, error["msg"]),
-            loc=error["loc"],
-            input=value,
-        )
-        if "ctx" in error:
-            detail["ctx"] = error["ctx"]
-        details.append(detail)
-    if not changed:
-        return None
-    return ValidationError.from_exception_data(exc.title, details, hide_input=True)
-
-
-def _combination_error(title: str, problems: list[tuple[str, Any, str]]) -> ValidationError:
-    return ValidationError.from_exception_data(
-        title,
-        [
-            InitErrorDetails(
-                type="value_error", loc=(field,), input=value, ctx={"error": ValueError(msg)}
-            )
-            for field, value, msg in problems
-        ],
-        hide_input=True,
-    )
-
 
 _Seconds = Annotated[float, BeforeValidator(_not_bool), Field(ge=1, le=300, allow_inf_nan=False)]
 _Duration = Annotated[timedelta, BeforeValidator(_duration)]
@@ -650,30 +457,7 @@ class MailConfig(BaseModel):
         names no field is an error, unless it is listed (full name) in
         ``ignore``.  ``environ`` defaults to `os.environ`.
         """
-        if not prefix:
-            raise ValueError("prefix must not be empty")
-        env = os.environ if environ is None else environ
-        skip = set(ignore)
-        known = {prefix + name.upper(): name for name in cls.model_fields}
-        data: dict[str, Any] = {}
-        problems: list[tuple[str, Any, str]] = []
-        for var, raw in env.items():
-            if not var.startswith(prefix) or var in skip or raw == "":
-                continue
-            name = known.get(var)
-            if name is None:
-                problems.append(
-                    (var, _MASK, f"{var} is not a MailConfig setting; known: {', '.join(known)}")
-                )
-            elif name in _TUPLE_FIELDS and raw.lstrip().startswith("["):
-                try:
-                    data[name] = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    problems.append((var, raw, f"{var} is not a valid JSON array: {exc.msg}"))
-            else:
-                data[name] = raw
-        if problems:
-            raise _combination_error(cls.__name__, problems)
+        data = _env_settings(prefix, environ, ignore, cls.model_fields, cls.__name__)
         return cls.model_validate(data)
 
     @classmethod
@@ -685,16 +469,4 @@ class MailConfig(BaseModel):
         file is then left to other programs).  Durations are ISO 8601 strings
         (``"PT5M"``) or numbers of seconds.
         """
-        file = Path(path)
-        suffix = file.suffix.lower()
-        if suffix == ".toml":
-            with file.open("rb") as fh:
-                data: Any = tomllib.load(fh)
-        elif suffix == ".json":
-            with file.open("rb") as fh:
-                data = json.load(fh)
-        else:
-            raise ValueError(f"unsupported config file type {file.suffix!r}: use .toml or .json")
-        if isinstance(data, dict) and isinstance(data.get("smtpnotify"), dict):
-            data = data["smtpnotify"]
-        return cls.model_validate(data)
+        return cls.model_validate(_file_settings(path))

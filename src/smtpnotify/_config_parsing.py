@@ -1,0 +1,158 @@
+"""Parsing and checking single `MailConfig` values: host names, the sender,
+pinned certificates and fingerprints, numbers and durations.
+
+Each function raises `ValueError` with a message naming the rule, which the
+model's validators turn into a `pydantic.ValidationError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import ssl
+import unicodedata
+from email import policy
+from email.errors import NonASCIILocalPartDefect
+from email.headerregistry import Address
+from typing import Any
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_FINGERPRINT = re.compile(r"[0-9a-fA-F]{64}|[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){31}")
+_SHA1 = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){19}")
+_PEM_BLOCK = re.compile(r"-----BEGIN ([^\r\n-]+)-----(.*?)-----END ([^\r\n-]+)-----", re.DOTALL)
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_HEADER_FACTORY = policy.SMTPUTF8.header_factory
+_SENDER_RULE = (
+    "sender must be one email address, optionally with a display name, "
+    'like "noreply@example.com" or "Change Desk <noreply@example.com>"'
+)
+
+
+def _has_space_or_control(text: str) -> bool:
+    """True when ``text`` holds whitespace, a control, format or unassigned character."""
+    return any(c.isspace() or unicodedata.category(c)[0] in "CZ" for c in text)
+
+
+def _has_line_or_control(text: str) -> bool:
+    """True when ``text`` holds CR, LF, any other C0/C1 control or a line/paragraph separator."""
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    ip = _ip(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip is not None and ip.is_loopback
+
+
+def _check_domain(domain: str) -> None:
+    """Reject a mail domain that is neither a DNS name (IDNA allowed) nor an address literal."""
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        try:
+            if literal[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(literal[5:])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            raise ValueError(f"{_SENDER_RULE}; the domain literal is not an IP address") from None
+        return
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{_SENDER_RULE}; the domain is not a valid host name") from None
+    labels = ascii_domain.split(".")
+    if len(ascii_domain) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{_SENDER_RULE}; the domain is not a valid host name")
+
+
+def _parse_sender(value: str) -> Address:
+    """Parse ``value`` into exactly one `Address`, or raise `ValueError`."""
+    if _has_line_or_control(value):
+        raise ValueError("sender must not contain CR, LF or other control characters")
+    try:
+        header = _HEADER_FACTORY("from", value)
+        groups = header.groups
+    except Exception:  # the email parser raises assorted errors on malformed input
+        raise ValueError(_SENDER_RULE) from None
+    # Any defect means the parser had to guess (e.g. "a@b.org(<c@d.com>" is an
+    # unclosed comment): refuse rather than send From an address nobody wrote.
+    # A non-ASCII local part is fine; the session uses SMTPUTF8 for it.
+    defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
+    if defects or len(groups) != 1 or groups[0].display_name is not None:
+        raise ValueError(_SENDER_RULE)
+    addresses = groups[0].addresses
+    if len(addresses) != 1:
+        raise ValueError(_SENDER_RULE)
+    address: Address = addresses[0]
+    parts = (address.display_name, address.username, address.domain)
+    if not address.username or not address.domain or any(map(_has_line_or_control, parts)):
+        raise ValueError(_SENDER_RULE)
+    _check_domain(address.domain)
+    return address
+
+
+def _split_certificates(text: str, ctx: ssl.SSLContext) -> list[str]:
+    """Split PEM text into certificates, each checked by OpenSSL and re-encoded canonically."""
+    blocks = list(_PEM_BLOCK.finditer(text))
+    if text.count("-----BEGIN ") != len(blocks) or any(m[1] != m[3] for m in blocks):
+        raise ValueError("pinned_certificates: a PEM block has no matching -----END line")
+    if not blocks:
+        raise ValueError(
+            "pinned_certificates: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)"
+        )
+    certificates = []
+    for block in blocks:
+        if "PRIVATE KEY" in block[1]:
+            raise ValueError(
+                "pinned_certificates holds a private key: pin the certificate only, "
+                "and keep private keys out of the config"
+            )
+        if block[1] != "CERTIFICATE":
+            raise ValueError(f"pinned_certificates: a {block[1]} block is not a CERTIFICATE")
+        pem = f"-----BEGIN CERTIFICATE-----\n{block[2].strip()}\n-----END CERTIFICATE-----\n"
+        try:
+            der = ssl.PEM_cert_to_DER_cert(pem)
+            ctx.load_verify_locations(cadata=der)  # OpenSSL parses it as X.509 or raises
+        except (ValueError, ssl.SSLError):
+            raise ValueError(
+                "pinned_certificates: a CERTIFICATE block is not a valid X.509 certificate"
+            ) from None
+        certificates.append(ssl.DER_cert_to_PEM_cert(der))
+    return certificates
+
+
+def _normalise_fingerprint(index: int, value: str) -> str:
+    text = value.strip()
+    if _FINGERPRINT.fullmatch(text):
+        return text.replace(":", "").lower()
+    hint = " (this one looks like SHA-1)" if _SHA1.fullmatch(text) else ""
+    raise ValueError(
+        f"pinned_fingerprints[{index}] is not a SHA-256 fingerprint: expected 64 hex digits, "
+        f"optionally as colon-separated pairs{hint}"
+    )
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads True as 1; a flag in a number field is a mistake.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+def _duration(value: Any) -> Any:
+    # pydantic reads ISO 8601 strings and numbers of seconds, but not "300" (a
+    # string of seconds), which is what environment variables hold.
+    value = _not_bool(value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
