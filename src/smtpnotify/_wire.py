@@ -104,9 +104,10 @@ class _Disconnected(Exception):
 class _Wire(smtplib.SMTP):
     """``smtplib.SMTP`` whose socket I/O obeys the current deadline.
 
-    Only ``_get_socket``, ``send`` and ``getreply`` touch the network in
-    smtplib's code paths that smtpnotify uses (EHLO, AUTH, plain commands), so
-    overriding those three bounds everything.
+    Only ``send`` and ``getreply`` touch the network in smtplib's code paths that
+    smtpnotify uses (EHLO, AUTH, plain commands), so overriding those two bounds
+    everything; the socket itself is opened and wrapped in TLS by
+    :meth:`open_socket` and :meth:`handshake`, never by smtplib.
     """
 
     def __init__(self, host: str, local_hostname: str) -> None:
