@@ -97,7 +97,7 @@ def sample(strategy: st.SearchStrategy[T], n: int = 100) -> list[T]:
 
 
 def test_configs_cover_tls_trust_auth_deadlines_and_retries() -> None:
-    configs = sample(mail_configs())
+    configs = sample(mail_configs(), n=300)
     combos = {(c.tls, c.trust) for c in configs}
     assert combos == {
         (tls, trust)
