@@ -31,6 +31,7 @@ from smtpnotify import (
     OutboxStatus,
     SQLiteOutbox,
 )
+from smtpnotify.outbox import OutboxError
 from smtpnotify.testing import SinkMessage, SMTPSink
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -876,3 +877,32 @@ def test_the_retry_schedule_never_passes_expiration(
         if cap is not None:
             last_wait = min(last_wait, cap.total_seconds())
         assert attempt_times[-1] + timedelta(seconds=last_wait) >= created + expiration - 1000 * US
+
+
+def test_a_pass_broken_by_the_outbox_gives_back_what_it_never_started(
+    make_sink: Callable[..., SMTPSink], make_notifier: Callable[..., Notifier], clock: FakeClock
+) -> None:
+    class BrokenOnce(MemoryOutbox):
+        broken = True
+
+        def record_sent(self, entry_id: str, **kw: Any) -> bool:
+            if BrokenOnce.broken:
+                BrokenOnce.broken = False
+                raise OutboxError("the database went away")
+            return super().record_sent(entry_id, **kw)
+
+    sink = make_sink()
+    outbox = BrokenOnce()
+    notifier = make_notifier(sink, outbox, notifier_kw={"batch_size": 6})
+    ids = [notifier.notify(note((OK,))) for _ in range(6)]
+    with pytest.raises(OutboxError):
+        notifier.deliver_due()
+    entries = [get(notifier, i) for i in ids]
+    held = [e for e in entries if e.status is OutboxStatus.SENDING]
+    released = [e for e in entries if e.status is OutboxStatus.PENDING]
+    # At most the one whose outcome failed and the one pipelined behind it are still
+    # held (their fate is unknown); the rest are due again at once, attempts undone.
+    assert 1 <= len(held) <= 2
+    assert len(released) == 6 - len(held)
+    assert all(e.attempts == 0 and e.next_attempt_at == T0 for e in released)
+    assert notifier.deliver_due().sent == len(released)

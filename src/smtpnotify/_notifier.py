@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -319,9 +320,12 @@ class Notifier:
         report = DeliveryReport()
         hooks: list[tuple[EntryHook | None, OutboxEntry]] = []
 
+        started: set[str] = set()
+
         def message_of(entry: OutboxEntry) -> PreparedMessage | None:
             # Asked just before the entry would go out: not once stop() was called,
             # and never at or after its expiry.
+            started.add(entry.id)
             if self._stopping.is_set() or self.now() >= entry.expires_at:
                 return None
             return entry.message
@@ -361,6 +365,14 @@ class Notifier:
 
         try:
             self._pool.send(batch, message_of, record)
+        except BaseException:
+            # The pass broke (the database went away, say): give back at once what was
+            # never started, instead of leaving it to wait out the lease.  Best effort.
+            for entry in batch:
+                if entry.id not in started:
+                    with contextlib.suppress(Exception):
+                        self.outbox.release(entry.id, owner=self.owner, now=self.now())
+            raise
         finally:
             for hook, entry in hooks:
                 self._hook(hook, entry, reload=True)
