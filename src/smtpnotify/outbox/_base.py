@@ -431,7 +431,6 @@ class BaseOutbox(abc.ABC):
             accepted=accepted,
             refused=refused,
             error=error,
-            set_error=True,
         )
 
     @abc.abstractmethod
@@ -445,10 +444,9 @@ class BaseOutbox(abc.ABC):
         accepted: tuple[str, ...],
         refused: dict[str, tuple[int, str]] | None,
         error: str | None = None,
-        set_error: bool = False,
     ) -> bool:
         """Finish a held entry as ``status`` (``now`` in UTC); ``False`` if ``owner`` lacks it.
 
         ``accepted`` and ``refused`` join the entry's; ``last_error`` becomes
-        ``error`` when ``set_error``, and is kept otherwise.
+        ``error`` when one is given, and is kept otherwise.
         """

@@ -205,7 +205,6 @@ class MemoryOutbox(BaseOutbox):
         accepted: tuple[str, ...],
         refused: dict[str, tuple[int, str]] | None,
         error: str | None = None,
-        set_error: bool = False,
     ) -> bool:
         return self._update_held(
             entry_id,
@@ -215,7 +214,7 @@ class MemoryOutbox(BaseOutbox):
                 status=status,
                 accepted=join_accepted(e.accepted, accepted),
                 refused=join_refused(e.refused, refused),
-                last_error=error if set_error else e.last_error,
+                last_error=e.last_error if error is None else error,
                 next_attempt_at=None,
                 lease_owner=None,
                 lease_until=None,

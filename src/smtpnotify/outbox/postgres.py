@@ -374,7 +374,6 @@ class PostgresOutbox(BaseOutbox):
         accepted: tuple[str, ...],
         refused: dict[str, tuple[int, str]] | None,
         error: str | None = None,
-        set_error: bool = False,
     ) -> bool:
         params = self._result_params(entry_id, owner, now, accepted, refused)
         if status is OutboxStatus.SENT:

@@ -534,7 +534,6 @@ class SQLiteOutbox(BaseOutbox):
         accepted: Sequence[str],
         refused: dict[str, tuple[int, str]] | None,
         error: str | None = None,
-        set_error: bool = False,
     ) -> bool:
         at = _us(now)
         with self._write() as conn:
@@ -550,7 +549,7 @@ class SQLiteOutbox(BaseOutbox):
                     status.value,
                     json.dumps(list(join_accepted(have.accepted, accepted)), ensure_ascii=False),
                     _refused_json(join_refused(have.refused, refused)),
-                    error if set_error else have.last_error,
+                    have.last_error if error is None else error,
                     at,
                     row["seq"],
                 ),
