@@ -18,6 +18,7 @@ import pickle
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from email.message import EmailMessage, Message
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -1117,3 +1118,21 @@ def test_invalid_message_is_a_permanent_value_error() -> None:
     assert isinstance(info.value, InvalidMessage)
     assert info.value.transient is False
     assert info.value.phase is None
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["subject", "to", "reply_to", "headers"],
+)
+def test_encoded_words_that_decode_to_a_line_break_are_rejected(field: str) -> None:
+    # A reader decodes RFC 2047 words, so "=?utf-8?q?x=0D=0ABcc:_y?=" is a line break too.
+    word = "=?utf-8?q?Desk=0D=0ABcc=3A_x?="
+    kw: dict[str, Any] = {"to": "ops@example.com", "subject": "s", "text": "t"}
+    if field == "subject":
+        kw["subject"] = word
+    elif field == "headers":
+        kw["headers"] = {"X-Note": word}
+    else:
+        kw[field] = f"{word} <ops@example.com>"
+    with pytest.raises(InvalidMessage):
+        prepare(Notification(**kw), sender=SENDER)

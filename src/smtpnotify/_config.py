@@ -242,14 +242,6 @@ class MailConfig(BaseModel):
     @classmethod
     def _check_sender(cls, value: str) -> str:
         _parse_sender(value)  # before stripping: a trailing CR/LF is an error, not padding
-        # The message module must accept it as well, or every message would fail later.
-        from ._errors import InvalidMessage
-        from ._message import _parse_mailbox
-
-        try:
-            _parse_mailbox(value.strip(), "sender")
-        except InvalidMessage as exc:
-            raise ValueError(str(exc)) from None
         return value.strip()
 
     @field_validator("username")
@@ -408,7 +400,10 @@ class MailConfig(BaseModel):
     @property
     def sender_address(self) -> str:
         """The bare address of ``sender`` (its addr-spec), without display name."""
-        return _parse_sender(self.sender).addr_spec
+        # The sender was checked by the strict parser (no comments, no groups), so the
+        # addr-spec is what stands between the angle brackets, or the whole value.
+        text = self.sender
+        return text[text.rindex("<") + 1 : text.rindex(">")] if "<" in text else text
 
     @property
     def pinned_certificates_der(self) -> tuple[bytes, ...]:

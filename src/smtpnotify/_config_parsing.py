@@ -11,17 +11,15 @@ import ipaddress
 import re
 import ssl
 import unicodedata
-from email import policy
-from email.errors import NonASCIILocalPartDefect
-from email.headerregistry import Address
 from typing import Any
+
+from ._addresses import Mailbox, parse_mailbox
+from ._errors import InvalidMessage
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _FINGERPRINT = re.compile(r"[0-9a-fA-F]{64}|[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){31}")
 _SHA1 = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){19}")
 _PEM_BLOCK = re.compile(r"-----BEGIN ([^\r\n-]+)-----(.*?)-----END ([^\r\n-]+)-----", re.DOTALL)
-_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_HEADER_FACTORY = policy.SMTPUTF8.header_factory
 _SENDER_RULE = (
     "sender must be one email address, optionally with a display name, "
     'like "noreply@example.com" or "Change Desk <noreply@example.com>"'
@@ -54,51 +52,18 @@ def _is_loopback(host: str) -> bool:
     return ip is not None and ip.is_loopback
 
 
-def _check_domain(domain: str) -> None:
-    """Reject a mail domain that is neither a DNS name (IDNA allowed) nor an address literal."""
-    if domain.startswith("[") and domain.endswith("]"):
-        literal = domain[1:-1]
-        try:
-            if literal[:5].lower() == "ipv6:":
-                ipaddress.IPv6Address(literal[5:])
-            else:
-                ipaddress.IPv4Address(literal)
-        except ValueError:
-            raise ValueError(f"{_SENDER_RULE}; the domain literal is not an IP address") from None
-        return
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValueError(f"{_SENDER_RULE}; the domain is not a valid host name") from None
-    labels = ascii_domain.split(".")
-    if len(ascii_domain) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
-        raise ValueError(f"{_SENDER_RULE}; the domain is not a valid host name")
+def _parse_sender(value: str) -> Mailbox:
+    """Parse ``value`` into exactly one mailbox, or raise `ValueError`.
 
-
-def _parse_sender(value: str) -> Address:
-    """Parse ``value`` into exactly one `Address`, or raise `ValueError`."""
+    The message module's parser decides, so that a sender the config accepts is
+    one every message can carry in ``From``.
+    """
     if _has_line_or_control(value):
         raise ValueError("sender must not contain CR, LF or other control characters")
     try:
-        header = _HEADER_FACTORY("from", value)
-        groups = header.groups
-    except Exception:  # the email parser raises assorted errors on malformed input
-        raise ValueError(_SENDER_RULE) from None
-    # Any defect means the parser had to guess (e.g. "a@b.org(<c@d.com>" is an
-    # unclosed comment): refuse rather than send From an address nobody wrote.
-    # A non-ASCII local part is fine; the session uses SMTPUTF8 for it.
-    defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
-    if defects or len(groups) != 1 or groups[0].display_name is not None:
-        raise ValueError(_SENDER_RULE)
-    addresses = groups[0].addresses
-    if len(addresses) != 1:
-        raise ValueError(_SENDER_RULE)
-    address: Address = addresses[0]
-    parts = (address.display_name, address.username, address.domain)
-    if not address.username or not address.domain or any(map(_has_line_or_control, parts)):
-        raise ValueError(_SENDER_RULE)
-    _check_domain(address.domain)
-    return address
+        return parse_mailbox(value.strip(), "sender")
+    except InvalidMessage as exc:
+        raise ValueError(f"{_SENDER_RULE}: {exc}") from None
 
 
 def _split_certificates(text: str, ctx: ssl.SSLContext) -> list[str]:

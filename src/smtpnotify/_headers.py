@@ -11,6 +11,7 @@ encoded words (``=?utf-8?b?...?=``) that decode back exactly.
 from __future__ import annotations
 
 import base64
+import email.header
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -69,6 +70,10 @@ def check_header_text(value: str, what: str) -> None:
             (TAB excepted), U+2028/U+2029 or a lone surrogate.
     """
     bad = BAD_HEADER_CHAR.search(value)
+    if bad is None and "=?" in value:
+        # Text that looks like RFC 2047 encoded words is decoded by every reader:
+        # what it decodes to must pass too ("=?utf-8?q?a=0D=0ABcc:_x?=").
+        bad = BAD_HEADER_CHAR.search(_decoded_words(value))
     if bad is None:
         return
     ch = bad.group()
@@ -197,3 +202,14 @@ def address_header(name: str, groups: Sequence[tuple[str | None, Sequence[Mailbo
     if pieces and pieces[-1].endswith(","):
         pieces[-1] = pieces[-1][:-1]
     return fold(name, pieces, " ")
+
+
+def _decoded_words(value: str) -> str:
+    """``value`` with any RFC 2047 encoded words decoded, as a mail reader shows it."""
+    try:
+        return "".join(
+            text.decode(charset or "ascii", "replace") if isinstance(text, bytes) else text
+            for text, charset in email.header.decode_header(value)
+        )
+    except (ValueError, LookupError):  # a malformed word or unknown charset: shown as it stands
+        return value
